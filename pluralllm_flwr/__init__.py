@@ -1,0 +1,1 @@
+"""PluralLLM on Flower: federated training of GPO's group preference predictor."""

@@ -1,0 +1,153 @@
+"""The typed, validated view of the Flower run-config.
+
+The run-config (`[tool.flwr.app.config]` in pyproject.toml, overridden with `--run-config`) is the
+one place where settings live; every entry point (ServerApp, ClientApp, CLI) turns that mapping into
+a `RunConfig` here, so a bad value fails once, with one message, before any work starts.
+The dataclass defaults equal the pyproject defaults (a test keeps them equal), so the CLI works the
+same outside `flwr run`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+DATASETS = ("globalopinionqa", "opinionqa")
+STRATEGIES = ("fedavg", "fedprox")
+WEIGHTINGS = ("num-examples", "uniform")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, mistyped or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # data
+    dataset: str = "globalopinionqa"
+    data_path: str = ""               # "" = download GlobalOpinionQA from the hub (OpinionQA needs a path)
+    train_groups: str = ""            # comma-separated; "" = the dataset's default split; "auto" = by size
+    eval_groups: str = ""             # held-out groups, never trained on; same conventions
+    min_group_questions: int = 50     # "auto" split: groups with at least this many questions
+    auto_eval_fraction: float = 0.3   # "auto" split: seeded share of those groups held out
+    common_questions: bool = True     # keep only questions every selected group answered (the authors' protocol)
+    heldback_fraction: float = 0.2    # share of each training group's questions kept back for its own evaluation
+    # embeddings
+    embedder: str = "minilm"
+    cache_dir: str = ""               # "" = ~/.cache/pluralllm
+    # run
+    out_dir: str = ""                 # "" = runs/<timestamp> under the current directory
+    seed: int = 0
+    device: str = "auto"
+    # federated schedule
+    num_server_rounds: int = 1000
+    local_steps: int = 6
+    lr: float = 3e-4
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    weighting: str = "num-examples"
+    fraction_train: float = 1.0
+    min_train_nodes: int = 0          # 0 = every training group must report (simulation); lower for deployments
+    round_timeout: float = 600.0      # seconds a round waits for replies
+    # evaluation
+    eval_every: int = 10
+    eval_context: int = 20
+    eval_draws: int = 5
+    # episodes
+    min_context: int = 10
+    max_context: int = 100
+    min_target: int = 10
+    max_target: int = 100
+    # model (GPO's defaults)
+    d_model: int = 128
+    embed_depth: int = 4
+    num_layers: int = 6
+    num_heads: int = 4
+    dim_feedforward: int = 128
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("weighting", self.weighting, WEIGHTINGS)
+        _check_choice("device", self.device, DEVICES)
+        for key in ("num_server_rounds", "local_steps", "eval_every", "eval_context", "eval_draws",
+                    "min_context", "min_target", "d_model", "embed_depth", "num_layers", "num_heads",
+                    "dim_feedforward"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"run-config '{_kebab(key)}' must be at least 1, got {getattr(self, key)}")
+        for key in ("lr", "round_timeout"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"run-config '{_kebab(key)}' must be positive, got {getattr(self, key)}")
+        if self.proximal_mu < 0:
+            raise ConfigError(f"run-config 'proximal-mu' must be >= 0, got {self.proximal_mu}")
+        if self.min_train_nodes < 0:
+            raise ConfigError(f"run-config 'min-train-nodes' must be >= 0, got {self.min_train_nodes}")
+        for key in ("auto_eval_fraction", "fraction_train"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ConfigError(f"run-config '{_kebab(key)}' must be in (0, 1], got {getattr(self, key)}")
+        if not 0 <= self.heldback_fraction < 1:
+            raise ConfigError(f"run-config 'heldback-fraction' must be in [0, 1), got {self.heldback_fraction}")
+        if self.max_context < self.min_context or self.max_target < self.min_target:
+            raise ConfigError("run-config needs min-context <= max-context and min-target <= max-target, got "
+                              f"{self.min_context}..{self.max_context} and {self.min_target}..{self.max_target}")
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"run-config 'd-model' ({self.d_model}) must be divisible by 'num-heads' ({self.num_heads})")
+        if self.dataset == "opinionqa" and not self.data_path:
+            raise ConfigError("run-config 'data-path' is required for dataset 'opinionqa': pass the opinions_qa "
+                              "human_resp folder, e.g. --run-config \"data-path='/abs/path/human_resp'\"")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """Build from a run-config mapping (kebab-case keys); unknown keys and wrong types are errors."""
+        known = {_kebab(f.name): f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown run-config key(s) {unknown}; known keys: {sorted(known)}")
+        kwargs = {known[k].name: _coerce(k, v, type(getattr(cls, known[k].name))) for k, v in values.items()}
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The run-config mapping (kebab-case), e.g. to record in results.json or pass to `flwr run`."""
+        return {_kebab(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "pluralllm"
+
+    def group_list(self, which: str) -> list[str] | str:
+        """`train-groups`/`eval-groups` as a list of names, or "" (default split) / "auto"."""
+        raw = getattr(self, which).strip()
+        if raw in ("", "auto"):
+            return raw
+        return [g.strip() for g in raw.split(",") if g.strip()]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"run-config '{_kebab(key)}' must be one of {list(choices)}, got {value!r}")
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Accept what `--run-config` produces (ints for floats are fine); reject everything else by name."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"run-config '{key}' must be a {kind.__name__}, got {value!r} ({type(value).__name__})")

@@ -1,0 +1,36 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pluralllm_flwr.config import ConfigError, RunConfig
+
+
+def test_pyproject_defaults_equal_the_typed_view():
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == RunConfig().to_mapping()
+    assert "federations" not in pyproject["tool"]["flwr"]  # flwr 1.42 rewrites pyproject when it finds one
+
+
+def test_from_mapping_round_trip_and_int_for_float():
+    cfg = RunConfig.from_mapping({"num-server-rounds": 3, "lr": 1, "strategy": "fedprox", "proximal-mu": 0.1})
+    assert cfg.num_server_rounds == 3 and cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert RunConfig.from_mapping(cfg.to_mapping()) == cfg
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"strategy": "fedsgd"}, "'strategy' must be one of"),
+    ({"num-server-rounds": 0}, "'num-server-rounds' must be at least 1"),
+    ({"eval-every": 0}, "'eval-every' must be at least 1"),
+    ({"num-rounds": 3}, r"unknown run-config key\(s\) \['num-rounds'\]"),
+    ({"lr": "fast"}, "'lr' must be a float"),
+    ({"local-steps": 2.5}, "'local-steps' must be a int"),
+    ({"proximal-mu": -1.0}, "'proximal-mu' must be >= 0"),
+    ({"min-context": 50, "max-context": 10}, "min-context <= max-context"),
+    ({"dataset": "opinionqa"}, "'data-path' is required"),
+    ({"weighting": "size"}, "'weighting' must be one of"),
+    ({"d-model": 130}, "divisible"),
+])
+def test_bad_values_give_one_clear_message(values, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_mapping(values)

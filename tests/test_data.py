@@ -1,0 +1,159 @@
+import json
+
+import numpy as np
+import pytest
+
+from pluralllm_flwr import data as D
+from pluralllm_flwr.cli import main
+from pluralllm_flwr.config import RunConfig
+
+from .conftest import goqa_row, real_data, write_goqa
+
+
+def test_goqa_loads_groups_distributions_and_quirks(goqa_csv):
+    data = D.load_globalopinionqa(goqa_csv)
+    assert len(data.questions) == 8
+    assert data.questions[6].options == ("1", "2", "3")  # float scale points written as integers
+    assert data.questions[0].key == "0" and data.questions[0].options == ("Yes", "No")
+    np.testing.assert_allclose(data.answers["Aland"][0], [0.2, 0.8])
+    assert 6 not in data.answers["Borduria"]  # all-zero distribution dropped ...
+    assert data.dropped["all-zero distribution (group answers)"] == 1  # ... and counted
+    np.testing.assert_allclose(data.answers["Aland"][7].sum(), 1.0, rtol=1e-6)  # 1.005 renormalised
+    assert data.dropped["renormalised: sum within 1% of 1 (group answers, kept)"] == 1
+
+
+@pytest.mark.parametrize("selections, options, message", [
+    ("defaultdict(<class 'list'>, {'A': [0.5, 0.5]", "['x', 'y']", "cannot parse selections"),
+    ("defaultdict(<class 'list'>, {'A': [0.5, 0.5]})", "['x', 'y'", "cannot parse options"),
+    ("defaultdict(<class 'list'>, {'A': [0.2, 0.3, 0.5]})", "['x', 'y']", "has 3 values but the question has 2 options"),
+    ("defaultdict(<class 'list'>, {'A': [-0.5, 1.5]})", "['x', 'y']", "negative values"),
+    ("defaultdict(<class 'list'>, {'A': [float('nan'), 1.0]})", "['x', 'y']", "selections contains NaN values"),
+    ("defaultdict(<class 'list'>, {'A': [0.3, 0.3]})", "['x', 'y']", "sums to 0.6000, more than 1% off 1"),
+    ("defaultdict(<class 'list'>, {'A': ['a', 'b']})", "['x', 'y']", "numbers only"),
+])
+def test_goqa_bad_rows_name_file_row_and_problem(tmp_path, selections, options, message):
+    good = goqa_row("Fine?", {"A": [0.5, 0.5]}, ["x", "y"])
+    bad = {"question": "Broken question?", "selections": selections, "options": options, "source": "GAS"}
+    path = write_goqa(tmp_path / "g.csv", [good, bad])
+    with pytest.raises(D.DataError) as err:
+        D.load_globalopinionqa(path)
+    assert str(path) in str(err.value) and "row 2" in str(err.value) and "Broken question?" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_goqa_nan_value_is_rejected(tmp_path):
+    path = write_goqa(tmp_path / "g.csv", [goqa_row("Q?", {"A": [float("nan"), 1.0]}, ["x", "y"])])  # written "nan"
+    with pytest.raises(D.DataError, match=r"row 1 \(question 'Q\?'\): selections contains NaN values"):
+        D.load_globalopinionqa(path)
+
+
+def test_missing_file_and_columns(tmp_path):
+    with pytest.raises(D.DataError, match="no such file"):
+        D.load_globalopinionqa(tmp_path / "absent.csv")
+    (tmp_path / "bad.csv").write_text("question,options\nq,\"['a']\"\n")
+    with pytest.raises(D.DataError, match=r"missing column\(s\) \['selections'\]"):
+        D.load_globalopinionqa(tmp_path / "bad.csv")
+    with pytest.raises(D.DataError, match="no such folder"):
+        D.load_opinionqa(tmp_path / "absent")
+
+
+def test_download_without_network_explains_how_to_pass_a_path(monkeypatch):
+    import socket
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror("no network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(D.DataError, match="--path /abs/global_opinions.csv"):
+        D.load_globalopinionqa(None)
+
+
+def test_opinionqa_counts_refusals_nongroups_and_repeats(opinionqa_dir):
+    data = D.load_opinionqa(opinionqa_dir)
+    assert [q.key for q in data.questions] == ["Q1_W1", "Q2_W1"]
+    assert data.questions[0].options == ("Agree", "Neutral", "Disagree")  # refusal excluded
+    assert data.questions[0].ordinal == (1.0, 2.0, 3.0)
+    np.testing.assert_allclose(data.answers["Male"][0], [0.75, 0.25, 0.0])  # refusals not counted
+    assert 1 not in data.answers["Male"]  # only refusals -> no distribution
+    np.testing.assert_allclose(data.answers["Female"][1], [0.5, 0.0, 0.5])  # 'agree' matched ignoring case
+    assert {"Other (RACE)", "Other (POLPARTY)"} <= set(data.answers)  # ambiguous names qualified
+    assert "Refused" not in data.answers
+    assert data.dropped == {
+        "answers of the non-group 'Refused'": 1,
+        "no answers besides refusals (group answers)": 1,
+        "option label matched ignoring case (kept)": 1,
+        "question repeated in a later survey (first kept)": 1,
+    }
+
+
+def test_opinionqa_unknown_option_is_an_error(tmp_path):
+    from .conftest import write_opinionqa
+
+    root = write_opinionqa(tmp_path / "hr", {"S1": {"info": [("K", "Q?", ["Yes", "No"], [1.0, 2.0])],
+                                                    "SEX": {"K": {"Male": {"Maybe": 2.0}}}}})
+    with pytest.raises(D.DataError, match=r"SEX_data.json, question 'K', group 'Male': answer option 'Maybe'"):
+        D.load_opinionqa(root)
+
+
+def test_split_restrict_and_heldback(goqa_csv):
+    data = D.load_globalopinionqa(goqa_csv)
+    cfg = RunConfig(train_groups="Aland,Borduria", eval_groups="Carpania", eval_context=2, min_context=1,
+                    heldback_fraction=0.2)
+    prepared, split = D.prepare(cfg, data)
+    assert split == D.GroupSplit(["Aland", "Borduria"], ["Carpania"])
+    assert len(prepared.questions) == 6  # only the questions all three answered
+    assert prepared.dropped["question not answered by every selected group"] == 2
+    train, back = D.heldback_split(list(prepared.answers["Aland"]), 0.5, seed=1, group="Aland")
+    assert sorted(train + back) == list(range(6)) and len(back) == 3
+    assert D.heldback_split(list(range(6)), 0.5, 1, "Aland") == (train, back)  # deterministic
+    assert D.heldback_split(list(range(6)), 0.5, 2, "Aland") != (train, back)  # the seed matters
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train_groups": "Aland,Atlantis"}, r"unknown group\(s\) \['Atlantis'\]"),
+    ({"train_groups": "Aland", "eval_groups": "Aland"}, "in both train-groups and eval-groups"),
+    ({"train_groups": "Aland", "eval_groups": "Carpania", "eval_context": 7, "min_context": 1}, "evaluation needs more than eval-context=7"),
+    ({"train_groups": "Aland", "eval_groups": "Carpania", "eval_context": 2, "min_context": 10},
+     "needs at least min-context=10"),
+])
+def test_group_config_errors(goqa_csv, changes, message):
+    with pytest.raises(D.DataError, match=message):
+        D.prepare(RunConfig(**changes), D.load_globalopinionqa(goqa_csv))
+
+
+def test_auto_split_is_seeded(goqa_csv):
+    data = D.load_globalopinionqa(goqa_csv)
+    cfg = RunConfig(train_groups="auto", eval_groups="auto", min_group_questions=6, auto_eval_fraction=0.3)
+    split = D.split_groups(data, cfg)
+    assert sorted(split.train + split.eval) == ["Aland", "Borduria", "Carpania"] and len(split.eval) == 1
+    assert D.split_groups(data, cfg) == split
+    with pytest.raises(D.DataError, match="only 1 group"):
+        D.split_groups(data, cfg.replace(min_group_questions=8))
+
+
+def test_cli_data_json(goqa_csv, capsys):
+    assert main(["data", "--path", str(goqa_csv), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dataset"] == "globalopinionqa" and out["questions"] == 8 and out["options"] == 17
+    assert out["groups"] == {"Aland": 8, "Borduria": 6, "Carpania": 7}
+    assert out["dropped"]["all-zero distribution (group answers)"] == 1
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    assert main(["data", "--path", str(tmp_path / "nope.csv")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_real_opinionqa_default_groups_present():
+    data = D.load_opinionqa(real_data("opinionqa/human_resp"))
+    assert len(data.questions) == 999
+    for group in D.OPINIONQA_TRAIN + D.OPINIONQA_EVAL:
+        assert len(data.answers[group]) >= 684, group
+    prepared, split = D.prepare(RunConfig(dataset="opinionqa", data_path="x"), data)
+    assert len(prepared.questions) > 600 and split.eval == D.OPINIONQA_EVAL
+
+
+def test_real_goqa_sample_parses():
+    data = D.load_globalopinionqa(real_data("globalopinionqa/sample.csv"))
+    assert len(data.questions) == 25
+    assert all(abs(d.sum() - 1) < 1e-5 for g in data.answers.values() for d in g.values())
