@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 
+from pathlib import Path
+
 from . import data as D
 from .config import ConfigError, RunConfig
 
@@ -35,13 +37,109 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """The pyproject defaults with `--run-config` overrides, parsed exactly as `flwr run` parses them."""
+    from flwr.common.config import parse_config_args
+
+    return RunConfig.from_mapping(parse_config_args(args.run_config))
+
+
+def _run_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-config", "-c", action="append", metavar="'KEY=VALUE ...'",
+                        help="run-config overrides as for `flwr run`, e.g. \"num-server-rounds=30 dataset='opinionqa' "
+                             "data-path='/abs/human_resp'\" (keys: pyproject.toml [tool.flwr.app.config])")
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .embeddings import embed_questions
+
+    cfg = RunConfig(dataset=args.dataset, data_path=args.path, cache_dir=args.cache_dir)
+    data = D.load_dataset(cfg)
+    _, info = embed_questions(data.questions, args.model, cache_dir=cfg.cache_path, device=args.device,
+                              dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"{info['vectors']} vectors of {info['dim']} dimensions from {info['model']} "
+              f"({'cache hit' if info['cached'] else 'computed'}, {info['seconds']:.1f} s): {info['cache_file']}")
+    return 0
+
+
+def cmd_centralized(args: argparse.Namespace) -> int:
+    from .centralized import train_centralized
+
+    writer = train_centralized(_run_config(args), compute_matched=args.compute_matched)
+    _print_outcome(writer.results, writer.out_dir)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .experiment import prepare_experiment
+    from .results import load_results, out_dir_for
+    from .simulation import simulate
+
+    cfg = _run_config(args)
+    cfg = cfg.replace(out_dir=str(out_dir_for(cfg, cfg.strategy)))  # absolute: the ServerApp runs elsewhere
+    exp = prepare_experiment(cfg)  # validate and embed here, with progress, before Flower starts
+    nodes = args.num_supernodes or len(exp.split.train)
+    print(f"simulating {len(exp.split.train)} training groups on {nodes} virtual SuperNodes; results in {cfg.out_dir}",
+          flush=True)
+    simulate(cfg, nodes, timeout=args.timeout, echo=(lambda line: None) if args.quiet else print)
+    _print_outcome(load_results(cfg.out_dir), Path(cfg.out_dir))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = args.out or args.runs[0]
+    print(f"report: {write_report(args.runs, out)}")
+    return 0
+
+
+def _print_outcome(results: dict, out_dir: Path) -> None:
+    final, best, base = results["final"], results["best"], results["baselines"]
+    print(f"{results['method']}: final held-out alignment {final['alignment']:.4f} (round {final['round']}), "
+          f"best {best['alignment']:.4f} (round {best['round']}); baselines: uniform "
+          f"{base['uniform']['alignment']:.4f}, train-mean {base['train_mean']['alignment']:.4f}\nresults: {out_dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pluralllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
+
     p = sub.add_parser("data", help="load a dataset and print per-group question counts and what was filtered")
     _dataset_args(p)
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("embed", help="embed every (question, option) of a dataset once, into the cache")
+    _dataset_args(p)
+    p.add_argument("--model", default="minilm", help="minilm | smollm2 | a hub id | a local model folder")
+    p.add_argument("--cache-dir", default="", help="default ~/.cache/pluralllm")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=256)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("centralized", help="train the predictor centrally on the pooled training groups")
+    _run_config_arg(p)
+    p.add_argument("--compute-matched", action="store_true", help="as many gradient steps as the federated run "
+                   "(num-server-rounds x local-steps x clients) instead of one step per epoch")
+    p.set_defaults(func=cmd_centralized)
+
+    p = sub.add_parser("simulate", help="run the Flower app in simulation (flwr run, checked and cleaned up)")
+    _run_config_arg(p)
+    p.add_argument("--num-supernodes", type=int, default=0, help="virtual SuperNodes (default: one per training group)")
+    p.add_argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="do not echo Flower's log")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("report", help="plots and a Markdown table from one or more run directories")
+    p.add_argument("runs", nargs="+", help="run directories (each with results.json)")
+    p.add_argument("--out", default="", help="where to write report.md and the PNGs (default: the first run)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -51,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (D.DataError, ConfigError) as exc:
+    except (D.DataError, ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"pluralllm: error: {exc}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 DATASETS = ("globalopinionqa", "opinionqa")
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "fedmedian")
 WEIGHTINGS = ("num-examples", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -72,9 +72,10 @@ class RunConfig:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         _check_choice("device", self.device, DEVICES)
+        if self.embed_depth < 2:
+            raise ConfigError(f"run-config 'embed-depth' must be at least 2 (input and output layer), got {self.embed_depth}")
         for key in ("num_server_rounds", "local_steps", "eval_every", "eval_context", "eval_draws",
-                    "min_context", "min_target", "d_model", "embed_depth", "num_layers", "num_heads",
-                    "dim_feedforward"):
+                    "min_context", "min_target", "d_model", "num_layers", "num_heads", "dim_feedforward"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"run-config '{_kebab(key)}' must be at least 1, got {getattr(self, key)}")
         for key in ("lr", "round_timeout"):

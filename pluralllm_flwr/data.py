@@ -378,10 +378,16 @@ def restrict(data: PreferenceData, groups: list[str], common_questions: bool) ->
 def heldback_split(question_ids: list[int], fraction: float, seed: int, group: str) -> tuple[list[int], list[int]]:
     """A training group's questions split into (train, held back), seeded by the seed and the group's
     name, so every node and the server derive the same split independently."""
-    rng = np.random.default_rng([seed, zlib.crc32(group.encode())])
+    rng = seeded_rng(seed, group)
     ids = np.asarray(sorted(question_ids))[rng.permutation(len(question_ids))]
     n_back = int(round(fraction * len(ids)))
     return sorted(ids[n_back:].tolist()), sorted(ids[:n_back].tolist())
+
+
+def seeded_rng(seed: int, *stream: int | str) -> np.random.Generator:
+    """An independent, reproducible random stream for (seed, group, round, ...): the same names give
+    the same stream in every process, whatever the order in which groups are visited."""
+    return np.random.default_rng([seed, *(zlib.crc32(s.encode()) if isinstance(s, str) else s for s in stream)])
 
 
 def prepare(cfg: RunConfig, data: PreferenceData | None = None) -> tuple[PreferenceData, GroupSplit]:

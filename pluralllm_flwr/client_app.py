@@ -1,0 +1,101 @@
+"""The ClientApp: a SuperNode trains and evaluates the global predictor on the groups it hosts.
+
+Which groups: in a deployment the node-config names its group (`group=...`); in simulation node
+`partition-id` p of `num-partitions` N hosts training groups p, p+N, p+2N, ... so any number of
+virtual nodes covers every group. Each message names the one group it is for.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .config import RunConfig
+from .data import seeded_rng
+from .experiment import Experiment, prepare_experiment, resolve_device
+from .strategies import HOSTS_QUERY, UNIT_WEIGHT
+from .training import predict, train_steps
+from .metrics import alignment, mean_excluding_nan
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=2)
+def _experiment(cfg: RunConfig) -> Experiment:
+    """Loaded once per process (a Ray actor or SuperNode serves many rounds)."""
+    return prepare_experiment(cfg, progress=False)
+
+
+def _setup(context: Context) -> tuple[RunConfig, Experiment, list[str]]:
+    cfg = RunConfig.from_mapping(context.run_config)
+    node = context.node_config
+    if "partition-id" in node:  # simulation: share CPU threads between the virtual nodes
+        torch.set_num_threads(1)
+    exp = _experiment(cfg)
+    train = exp.split.train
+    if "group" in node:
+        group = str(node["group"])
+        if group not in train:
+            raise ValueError(f"node-config group={group!r} is not a training group of this run ({train})")
+        return cfg, exp, [group]
+    if "partition-id" not in node:
+        raise ValueError("this SuperNode's node-config names no group: start it with --node-config \"group='<name>'\"")
+    pid, n = int(node["partition-id"]), int(node["num-partitions"])
+    return cfg, exp, train[pid::n]
+
+
+def _group_of(msg: Message, hosted: list[str]) -> str:
+    group = str(msg.content["config"]["group"])
+    if group not in hosted:
+        raise ValueError(f"this node hosts {hosted}, not {group!r}")
+    return group
+
+
+@app.query(HOSTS_QUERY)
+def hosted_groups(msg: Message, context: Context) -> Message:
+    _, _, hosted = _setup(context)
+    return Message(RecordDict({"hosted": ConfigRecord({"groups": hosted})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, exp, hosted = _setup(context)
+    group = _group_of(msg, hosted)
+    config = msg.content["config"]
+    device = resolve_device(cfg.device)
+    model = exp.build_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(device)
+    mu = float(config.get("proximal-mu", 0.0))  # present under FedProx only
+    anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
+    vectors = exp.vectors(group, "train")
+    steps = int(config["local-steps"])
+    rng = seeded_rng(cfg.seed, "train", group, int(config["server-round"]))
+    losses = train_steps(model, optimizer, [vectors], steps, exp.sizes, rng, device, proximal_mu=mu, anchor=anchor)
+    metrics = MetricRecord({"train-loss": float(np.mean(losses)), "num-examples": vectors.num_questions,
+                            UNIT_WEIGHT: 1, "local-steps": steps})
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The group's alignment on its own held-back questions, with context from its training part."""
+    cfg, exp, hosted = _setup(context)
+    group = _group_of(msg, hosted)
+    device = resolve_device(cfg.device)
+    model = exp.build_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(device)
+    train_part, heldback = exp.vectors(group, "train"), exp.vectors(group, "heldback")
+    rng = seeded_rng(cfg.seed, "client-eval", group)
+    context_ids = rng.choice(train_part.num_questions, size=min(cfg.eval_context, train_part.num_questions), replace=False)
+    predictions = predict(model, train_part.subset(context_ids), heldback, device)
+    truths = np.split(heldback.y, heldback.offsets[1:-1])
+    score, nan_excluded = mean_excluding_nan(alignment(p, t) for p, t in zip(predictions, truths))
+    metrics = MetricRecord({"heldback-alignment": score, "nan-excluded": nan_excluded,
+                            "num-examples": heldback.num_questions, UNIT_WEIGHT: 1})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,129 @@
+"""Result directories → PNG plots and a Markdown report (`pluralllm report DIR...`).
+
+Reads only results.json (the results contract), so every method — federated or centralized — is
+reported the same way. Runs of the same method with different seeds are drawn as a mean line with
+a min–max band.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: reports are written on headless machines too
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .results import load_results  # noqa: E402
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "PluralLLM results") -> Path:
+    """Plots (alignment vs rounds, vs gradient steps, per group) and report.md into out_dir."""
+    runs = [load_results(d) for d in run_dirs]
+    if not runs:
+        raise ValueError("report needs at least one run directory")
+    for run, path in zip(runs[1:], run_dirs[1:]):
+        if (run["dataset"], run["eval_groups"]) != (runs[0]["dataset"], runs[0]["eval_groups"]):
+            raise ValueError(f"{path}: dataset {run['dataset']} with held-out groups {run['eval_groups']} differs from "
+                             f"{run_dirs[0]} ({runs[0]['dataset']}, {runs[0]['eval_groups']}); report comparable runs together")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        by_method[run["method"]].append(run)
+    figures = {
+        "alignment_vs_rounds.png": _curve_plot(by_method, "round", "round (federated) / epoch (centralized)"),
+        "alignment_vs_steps.png": _curve_plot(by_method, "gradient_steps", "gradient steps (all clients)"),
+        "per_group.png": _group_plot(by_method),
+    }
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    report = out / "report.md"
+    report.write_text(_markdown(title, by_method, list(figures)))
+    return report
+
+
+def _curve_plot(by_method: dict[str, list[dict]], x: str, xlabel: str):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, runs in sorted(by_method.items()):
+        xs, mean, low, high = _band(runs, x)
+        line, = ax.plot(xs, mean, label=f"{method} (n={len(runs)})")
+        if len(runs) > 1:
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
+    _baseline_lines(ax, next(iter(by_method.values()))[0]["baselines"])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out alignment (1 − JS distance)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _band(runs: list[dict], x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, min and max over runs at the x values every run has."""
+    common = sorted(set.intersection(*({e[x] for e in r["history"]} for r in runs)))
+    values = np.array([[{e[x]: e["alignment"] for e in r["history"]}[v] for v in common] for r in runs], float)
+    return np.array(common), values.mean(0), values.min(0), values.max(0)
+
+
+def _baseline_lines(ax, baselines: dict) -> None:
+    for (name, value), style in zip(((n, b["alignment"]) for n, b in baselines.items()), (":", "--")):
+        ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"{name} baseline ({value:.3f})")
+
+
+def _group_plot(by_method: dict[str, list[dict]]):
+    first = next(iter(by_method.values()))[0]
+    groups = first["eval_groups"]
+    methods = sorted(by_method)
+    width = 0.8 / (len(methods) + 2)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4.2))
+    xs = np.arange(len(groups))
+    bars = [(f"{m} (final)", [np.mean([r["final"]["per_group"][g] for r in by_method[m]]) for g in groups])
+            for m in methods]
+    bars += [(f"{name} baseline", [b["per_group"][g] for g in groups]) for name, b in first["baselines"].items()]
+    for i, (label, values) in enumerate(bars):
+        ax.bar(xs + (i - len(bars) / 2 + 0.5) * width, values, width, label=label)
+    ax.set_xticks(xs, groups, rotation=30, ha="right")
+    low = min(min(v) for _, v in bars)
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.set_ylabel("alignment")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _markdown(title: str, by_method: dict[str, list[dict]], figures: list[str]) -> str:
+    first = next(iter(by_method.values()))[0]
+    lines = [f"# {title}", "", f"Dataset `{first['dataset']}`, embedder `{first['embedder']}`; "
+             f"{len(first['train_groups'])} training groups, held-out groups: {', '.join(first['eval_groups'])}.", "",
+             "| method | runs | final alignment | best alignment (round) | gradient steps | Jain | CoV | worst group |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, runs in sorted(by_method.items()):
+        final = [r["final"] for r in runs]
+        best = [r["best"] for r in runs]
+        lines.append(
+            f"| {method} | {len(runs)} | {_fmt(float(np.mean([f['alignment'] for f in final])))} | "
+            f"{_fmt(float(np.mean([b['alignment'] for b in best])))} ({', '.join(str(b['round']) for b in best)}) | "
+            f"{final[0]['gradient_steps']} | {_fmt(float(np.mean([f['fairness']['jain'] for f in final])))} | "
+            f"{_fmt(float(np.mean([f['fairness']['cov'] for f in final])))} | "
+            f"{final[0]['fairness']['worst_group']} ({_fmt(final[0]['fairness']['worst'])}) |")
+    for name, base in first["baselines"].items():
+        extra = f", coverage {base['coverage']:.0%}" if "coverage" in base else ""
+        lines.append(f"| {name} baseline{extra} | – | {_fmt(base['alignment'])} | – | – | – | – | – |")
+    lines += ["", "## Per held-out group (final model; baselines for comparison)", "",
+              "| group | " + " | ".join(sorted(by_method)) + " | " + " | ".join(first["baselines"]) + " |",
+              "|---" * (1 + len(by_method) + len(first["baselines"])) + "|"]
+    for group in first["eval_groups"]:
+        cells = [_fmt(float(np.mean([r["final"]["per_group"][group] for r in by_method[m]]))) for m in sorted(by_method)]
+        cells += [_fmt(b["per_group"][group]) for b in first["baselines"].values()]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"![{f}]({f})" for f in figures] + [""]
+    return "\n".join(lines)

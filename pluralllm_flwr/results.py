@@ -1,0 +1,141 @@
+"""The results contract every method writes: `results.json`, `history.csv`, and safetensors
+checkpoints of the best and the last model. Reports, benchmarks and the reproduction read only these.
+
+results.json = {"method", "dataset", "embedder", "seed", "config", "train_groups", "eval_groups",
+"baselines": {"uniform": {"alignment", "per_group"}, "train_mean": {..., "coverage"}},
+"history": [{"round", "gradient_steps", "episodes", "wall_seconds", "alignment", "per_group",
+"fairness": {"jain", "cov", "worst", ...}, ...}], "best": <entry>, "final": <entry>}
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import RunConfig
+
+RESULTS_FILE, HISTORY_FILE = "results.json", "history.csv"
+BEST_CHECKPOINT, LAST_CHECKPOINT = "best.safetensors", "last.safetensors"
+
+
+class ResultsWriter:
+    """Appends evaluation points and rewrites the files after each one, so a run that is stopped
+    early still leaves valid results behind."""
+
+    def __init__(self, out_dir: str | Path, method: str, cfg: RunConfig, train_groups: list[str],
+                 eval_groups: list[str], baselines: dict, checkpoint_metadata: dict | None = None) -> None:
+        self.out_dir = Path(out_dir).resolve()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+        self.checkpoint_metadata = checkpoint_metadata or {}
+        self.results = {"method": method, "dataset": cfg.dataset, "embedder": cfg.embedder, "seed": cfg.seed,
+                        "config": cfg.to_mapping(), "train_groups": train_groups, "eval_groups": eval_groups,
+                        "baselines": baselines, "history": [], "best": None, "final": None}
+
+    @property
+    def history(self) -> list[dict]:
+        return self.results["history"]
+
+    def record(self, entry: dict, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
+        """Add one evaluation point ({"round", "gradient_steps", "alignment", ...}); wall_seconds is
+        filled in. Saves the last model, and the best one when this point is the best so far."""
+        entry = {"round": entry["round"], "gradient_steps": entry["gradient_steps"],
+                 "wall_seconds": round(time.perf_counter() - self.started, 3), **entry}
+        self.history.append(entry)
+        best = self.results["best"]
+        is_best = best is None or _better(entry["alignment"], best["alignment"])
+        if is_best:
+            self.results["best"] = entry
+        self.results["final"] = entry
+        if state_dict is not None:
+            meta = {**self.checkpoint_metadata, "round": entry["round"], "alignment": entry["alignment"]}
+            save_checkpoint(self.out_dir / LAST_CHECKPOINT, state_dict, meta)
+            if is_best:
+                save_checkpoint(self.out_dir / BEST_CHECKPOINT, state_dict, meta)
+        self._write()
+        return entry
+
+    def _write(self) -> None:
+        _atomic_write(self.out_dir / RESULTS_FILE, json.dumps(self.results, indent=1, default=_jsonable))
+        rows = [history_row(e) for e in self.history]
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        tmp = self.out_dir / (HISTORY_FILE + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.out_dir / HISTORY_FILE)
+
+
+def history_row(entry: dict) -> dict:
+    """One flat CSV row: scalar fields, `fairness_*`, and `group:<name>` per-group scores."""
+    row = {k: v for k, v in entry.items() if not isinstance(v, (dict, list))}
+    for key, value in entry.items():
+        if isinstance(value, dict) and key.endswith("fairness"):
+            row.update({f"{key}_{k}": v for k, v in value.items()})
+        elif isinstance(value, dict) and key.endswith("per_group"):
+            prefix = key[: -len("per_group")]
+            row.update({f"{prefix}group:{g}": v for g, v in value.items()})
+    return row
+
+
+def load_results(path: str | Path) -> dict:
+    """results.json from a run directory (or the file itself), with a clear error otherwise."""
+    path = Path(path)
+    file = path / RESULTS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no results.json (is {path} a run's output directory?)")
+    results = json.loads(file.read_text())
+    missing = {"method", "history", "baselines", "eval_groups"} - set(results)
+    if missing:
+        raise ValueError(f"{file}: not a results file of this project (missing {sorted(missing)})")
+    return results
+
+
+def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
+    """safetensors weights with JSON metadata (model config, embedder, groups...) so a checkpoint
+    describes itself."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"pluralllm": json.dumps(metadata, default=_jsonable)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("pluralllm", "{}"))
+    return load_file(str(path)), meta
+
+
+def _better(a: float, b: float) -> bool:
+    return not math.isnan(a) and (math.isnan(b) or a > b)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def out_dir_for(cfg: RunConfig, method: str) -> Path:
+    """The run's output directory: run-config out-dir, else runs/<timestamp>-<method>, absolute."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir).expanduser().resolve()
+    return (Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}").resolve()

@@ -1,0 +1,37 @@
+"""The ServerApp: validate the run-config, prepare data and embeddings, run the strategy."""
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from .config import RunConfig
+from .experiment import prepare_experiment, resolve_device
+from .results import ResultsWriter, out_dir_for
+from .strategies import build_strategy
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_mapping(context.run_config)  # one clear error before any client starts
+    exp = prepare_experiment(cfg, progress=False)       # also embeds (cached) so clients find the cache
+    out_dir = out_dir_for(cfg, cfg.strategy)
+    print(f"PluralLLM {cfg.strategy}: {len(exp.split.train)} training groups, {len(exp.split.eval)} held-out "
+          f"groups, {len(exp.data.questions)} questions, embedder {cfg.embedder} ({exp.table.dim}-d); "
+          f"results in {out_dir}", flush=True)
+    writer = ResultsWriter(out_dir, cfg.strategy, cfg, exp.split.train, exp.split.eval, exp.baselines(),
+                           checkpoint_metadata=exp.checkpoint_metadata())
+    base = writer.results["baselines"]
+    print(f"baselines on the held-out groups: uniform {base['uniform']['alignment']:.4f}, train-mean "
+          f"{base['train_mean']['alignment']:.4f} (coverage {base['train_mean']['coverage']:.0%})", flush=True)
+    strategy = build_strategy(cfg)
+    strategy.setup(cfg, exp, writer, resolve_device(cfg.device))
+    strategy.discover_hosts(grid, wait=cfg.round_timeout)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(strategy.model.state_dict()),
+                   num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+                   train_config=ConfigRecord({"lr": cfg.lr, "local-steps": cfg.local_steps}),
+                   evaluate_fn=strategy.evaluate_heldout)
+    final, best = writer.results["final"], writer.results["best"]
+    print(f"done: final alignment {final['alignment']:.4f} (round {final['round']}), best {best['alignment']:.4f} "
+          f"(round {best['round']}); results in {out_dir}", flush=True)

@@ -1,0 +1,196 @@
+"""Flower strategies with PluralLLM's server side: one client per group, held-out evaluation,
+results and checkpoints.
+
+`PluralMixin` goes in front of any Flower strategy (FedAvg, FedProx, ...): the base strategy
+decides the content of each round (arrays, config, aggregation rule); the mixin decides the
+addressing — one message per training group, sent to the SuperNode that hosts that group — and
+records what happened. A SuperNode says which groups it hosts when first asked (a QUERY message),
+so the same code serves simulation (a node may host several groups) and real deployments (one node
+per group, nodes may leave and come back).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx
+
+from .config import RunConfig
+from .data import seeded_rng
+from .experiment import Experiment
+from .results import ResultsWriter
+
+log = logging.getLogger(__name__)
+
+HOSTS_QUERY = "hosted_groups"   # the QUERY action a SuperNode answers with the groups it hosts
+UNIT_WEIGHT = "unit-weight"     # metric every client sends as 1: the weight key of uniform averaging
+
+
+class NoClientsError(RuntimeError):
+    """A round in which no client succeeded: the run stops with the clients' error messages."""
+
+
+class PluralMixin:
+    """Per-group addressing, periodic held-out evaluation and results, on top of a Flower strategy."""
+
+    def setup(self, cfg: RunConfig, exp: Experiment, writer: ResultsWriter, device: str,
+              seconds_per_query: float = 30.0) -> None:
+        self.cfg, self.exp, self.writer, self.device = cfg, exp, writer, device
+        self.model = exp.build_model().to(device)
+        self.query_timeout = seconds_per_query
+        self.hosts: dict[str, int] = {}       # group -> node id hosting it
+        self.asked: set[int] = set()          # nodes already asked which groups they host
+        self.gradient_steps = 0
+        self.rounds: dict[int, dict] = {}     # server round -> {"clients", "failures", "missing", "train_loss"}
+        self.client_eval: dict[int, float] = {}
+        self.started = time.perf_counter()
+
+    # ----------------------------------------------------------------- addressing
+    def discover_hosts(self, grid: Grid, wait: float) -> None:
+        """Ask nodes not asked before which groups they host; wait up to `wait` seconds until
+        enough training groups have a host (all of them unless min-train-nodes says fewer)."""
+        needed = self.cfg.min_train_nodes or len(self.exp.split.train)
+        deadline = time.monotonic() + wait
+        while True:
+            nodes = set(grid.get_node_ids())
+            self.hosts = {g: n for g, n in self.hosts.items() if n in nodes}  # forget departed nodes
+            new = sorted(nodes - self.asked)
+            if new:
+                self._ask(grid, new)
+            hosted = [g for g in self.exp.split.train if g in self.hosts]
+            if len(hosted) >= needed:
+                return
+            if time.monotonic() > deadline:
+                missing = [g for g in self.exp.split.train if g not in self.hosts]
+                raise NoClientsError(
+                    f"only {len(hosted)} of the {needed} required training groups have a SuperNode after "
+                    f"{wait:.0f} s ({len(nodes)} node(s) connected); no node hosts {missing}. In simulation every "
+                    "node hosts its share of the groups, so check the nodes' errors above; in a deployment start "
+                    "the missing SuperNodes or lower run-config 'min-train-nodes'")
+            time.sleep(1.0)
+
+    def _ask(self, grid: Grid, nodes: list[int]) -> None:
+        query = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+                         message_type=f"{MessageType.QUERY}.{HOSTS_QUERY}") for n in nodes]
+        for reply in grid.send_and_receive(query, timeout=self.query_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %s could not say which groups it hosts: %s", node, reply.error.reason)
+                continue
+            self.asked.add(node)
+            for group in reply.content["hosted"]["groups"]:
+                if group not in self.exp.split.train:
+                    log.warning("node %s hosts %r, which is not a training group of this run; ignored", node, group)
+                elif self.hosts.get(group, node) != node:
+                    log.warning("group %r is hosted by nodes %s and %s; using %s", group, self.hosts[group], node, node)
+                    self.hosts[group] = node
+                else:
+                    self.hosts[group] = node
+
+    def _per_group(self, messages: Iterable[Message], server_round: int, grid: Grid, fraction: float) -> list[Message]:
+        """Re-address the base strategy's round content: one message per sampled training group."""
+        messages = list(messages)
+        if not messages:
+            return []
+        self.discover_hosts(grid, wait=self.cfg.round_timeout)
+        hosted = [g for g in self.exp.split.train if g in self.hosts]
+        n = max(1, math.ceil(fraction * len(hosted)))
+        rng = seeded_rng(self.cfg.seed, "sample", server_round)
+        groups = sorted(rng.choice(hosted, size=n, replace=False).tolist(), key=hosted.index) if n < len(hosted) else hosted
+        content = messages[0].content
+        out = []
+        for group in groups:
+            config = ConfigRecord({**content["config"], "group": group})
+            records = {k: v for k, v in content.items() if k != "config"}
+            out.append(Message(RecordDict({**records, "config": config}), dst_node_id=self.hosts[group],
+                               message_type=messages[0].metadata.message_type))
+        self.rounds.setdefault(server_round, {})["missing"] = [g for g in self.exp.split.train if g not in self.hosts]
+        return out
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return self._per_group(super().configure_train(server_round, arrays, config, grid), server_round, grid,
+                               self.cfg.fraction_train)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        if not self.is_eval_round(server_round) or self.cfg.heldback_fraction == 0:
+            return []
+        return self._per_group(super().configure_evaluate(server_round, arrays, config, grid), server_round, grid, 1.0)
+
+    # ----------------------------------------------------------------- aggregation
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)  # the argument may be a generator; it is read twice
+        ok = [r for r in replies if not r.has_error()]
+        info = self.rounds.setdefault(server_round, {})
+        info.update(clients=len(ok), failures=len(replies) - len(ok))
+        if not ok:
+            reasons = sorted({r.error.reason.strip().splitlines()[-1] for r in replies if r.has_error()})
+            raise NoClientsError(f"round {server_round}: no client succeeded ({len(replies)} replies); "
+                                 f"errors: {reasons or ['no reply within round-timeout']}")
+        self.gradient_steps += sum(int(r.content["metrics"]["local-steps"]) for r in ok)
+        arrays, metrics = super().aggregate_train(server_round, ok)
+        if metrics is not None:
+            info["train_loss"] = float(metrics["train-loss"])
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            self.client_eval[server_round] = float(metrics["heldback-alignment"])
+        return metrics
+
+    # ----------------------------------------------------------------- held-out evaluation
+    def is_eval_round(self, server_round: int) -> bool:
+        return server_round % self.cfg.eval_every == 0 or server_round in (0, self.cfg.num_server_rounds)
+
+    def evaluate_heldout(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """`evaluate_fn` of Strategy.start: the global model on the held-out groups, every
+        eval-every rounds, at round 0 and at the last round; recorded in results.json."""
+        if not self.is_eval_round(server_round):
+            return None
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        info = self.rounds.get(server_round, {})
+        n_train = len(self.exp.split.train)
+        entry = {"round": server_round, "gradient_steps": self.gradient_steps, "episodes": self.gradient_steps,
+                 "train_loss": info.get("train_loss"), "clients": info.get("clients", 0 if server_round == 0 else None),
+                 "clients_expected": n_train, "client_failures": info.get("failures", 0),
+                 "heldback_alignment": self.client_eval.get(server_round),
+                 **self.exp.evaluate(self.model, self.device)}
+        entry["rounds_with_fewer_clients"] = sorted(r for r, i in self.rounds.items()
+                                                    if r <= server_round and i.get("clients", n_train) < math.ceil(self.cfg.fraction_train * n_train))
+        self.writer.record(entry, self.model.state_dict())
+        fair = entry["fairness"]
+        print(f"[round {server_round:>4}] held-out alignment {entry['alignment']:.4f} | jain {fair['jain']:.4f} "
+              f"| worst {fair['worst']:.4f} ({fair['worst_group']}) | loss "
+              f"{'-' if entry['train_loss'] is None else format(entry['train_loss'], '.4f')} | "
+              f"{time.perf_counter() - self.started:.0f}s", flush=True)
+        return MetricRecord({"alignment": entry["alignment"], "jain": fair["jain"], "worst": fair["worst"]})
+
+
+class PluralFedAvg(PluralMixin, FedAvg):
+    """FedAvg: weighted by each group's number of training questions, or uniformly."""
+
+
+class PluralFedProx(PluralMixin, FedProx):
+    """FedProx: the server sends proximal-mu; clients add (mu/2)·‖w − w_global‖² to their loss."""
+
+
+class PluralFedMedian(PluralMixin, FedMedian):
+    """Coordinate-wise median of the group models (robust to a few outlying groups)."""
+
+
+STRATEGIES = {"fedavg": PluralFedAvg, "fedprox": PluralFedProx, "fedmedian": PluralFedMedian}
+
+
+def build_strategy(cfg: RunConfig) -> PluralMixin:
+    """The strategy named by run-config 'strategy', with the weighting of run-config 'weighting'."""
+    kwargs = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
+                  min_available_nodes=1,
+                  weighted_by_key="num-examples" if cfg.weighting == "num-examples" else UNIT_WEIGHT)
+    if cfg.strategy == "fedprox":
+        kwargs["proximal_mu"] = cfg.proximal_mu
+    return STRATEGIES[cfg.strategy](**kwargs)

@@ -1,0 +1,188 @@
+"""Episodes, local training steps and few-shot evaluation of the GPO predictor.
+
+One episode = some of a group's questions as context (with the group's answers) and others as
+targets. A training step is one gradient step on a batch holding one episode from every given group:
+a Flower client passes its own group, the centralized trainer passes all training groups.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data import GroupVectors
+from .metrics import QuestionMetric, js_metric, mean_excluding_nan
+from .model import GPOPredictor, gaussian_nll
+
+
+@dataclass(frozen=True)
+class EpisodeSizes:
+    """Bounds on the number of context and target questions per episode (GPO: 10-100 each)."""
+
+    min_context: int = 10
+    max_context: int = 100
+    min_target: int = 10
+    max_target: int = 100
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.min_context <= self.max_context and 1 <= self.min_target <= self.max_target):
+            raise ValueError(f"invalid EpisodeSizes {self}: need 1 <= min <= max for context and target")
+
+
+def sample_episode(group: GroupVectors, sizes: EpisodeSizes,
+                   rng: np.random.Generator) -> tuple[GroupVectors, GroupVectors]:
+    """(context, targets) from one permutation of the group's questions: a random count in
+    [min, max] of each, capped by what the group has (at least one question is left as a target)."""
+    n = group.num_questions
+    if n < sizes.min_context + 1:
+        raise ValueError(f"group {group.group!r} has {n} questions, but an episode needs at least "
+                         f"min_context + 1 = {sizes.min_context + 1}; lower min-context or drop the group")
+    order = rng.permutation(n)
+    n_context = int(rng.integers(sizes.min_context, min(sizes.max_context, n - 1) + 1))
+    left = n - n_context
+    n_target = int(rng.integers(min(sizes.min_target, left), min(sizes.max_target, left) + 1))
+    return group.subset(order[:n_context]), group.subset(order[n_context:n_context + n_target])
+
+
+@dataclass
+class Batch:
+    """Padded episodes: item b holds its context tokens, then its target tokens, then padding.
+
+    Putting the context first lets the model take keys from the first columns only."""
+
+    x: Tensor           # float32 [B, T, D] option embeddings (0 on padding)
+    y_in: Tensor        # float32 [B, T] the group's probability on context tokens, 0 elsewhere
+    y_true: Tensor      # float32 [B, T] the group's probability on context and target tokens
+    is_context: Tensor  # bool [B, T]
+    is_target: Tensor   # bool [B, T]
+    segment: Tensor     # int64 [B, T] question id, unique across the batch; -1 on padding
+
+    def to(self, device: str | torch.device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.x, self.y_in, self.y_true, self.is_context,
+                                               self.is_target, self.segment)))
+
+
+def collate(episodes: Sequence[tuple[GroupVectors, GroupVectors]]) -> Batch:
+    """Stack (context, targets) pairs into one padded `Batch`."""
+    if not episodes:
+        raise ValueError("collate needs at least one (context, targets) episode")
+    dims = {part.x.shape[1] for episode in episodes for part in episode}
+    if len(dims) != 1:
+        raise ValueError(f"episodes mix embedding widths {sorted(dims)}; embed all groups with one model")
+    B, D = len(episodes), dims.pop()
+    T = max(len(c.y) + len(t.y) for c, t in episodes)
+    x = np.zeros((B, T, D), np.float32)
+    y_in, y_true = np.zeros((B, T), np.float32), np.zeros((B, T), np.float32)
+    is_context, is_target = np.zeros((B, T), bool), np.zeros((B, T), bool)
+    segment = np.full((B, T), -1, np.int64)
+    next_id = 0
+    for b, (context, targets) in enumerate(episodes):
+        nc, nt = len(context.y), len(targets.y)
+        x[b, :nc], x[b, nc:nc + nt] = context.x, targets.x
+        y_in[b, :nc] = y_true[b, :nc] = context.y
+        y_true[b, nc:nc + nt] = targets.y
+        is_context[b, :nc], is_target[b, nc:nc + nt] = True, True
+        lengths = np.concatenate([np.diff(context.offsets), np.diff(targets.offsets)])
+        segment[b, :nc + nt] = next_id + np.repeat(np.arange(len(lengths)), lengths)
+        next_id += len(lengths)
+    return Batch(*(torch.from_numpy(a) for a in (x, y_in, y_true, is_context, is_target, segment)))
+
+
+def batch_loss(model: GPOPredictor, batch: Batch) -> Tensor:
+    """Mean Gaussian NLL over the batch's real target tokens."""
+    pred = model(batch.x, batch.y_in, batch.is_context, batch.is_target, batch.segment)
+    return gaussian_nll(pred, batch.y_true, batch.is_target)
+
+
+def train_steps(model: GPOPredictor, optimizer: torch.optim.Optimizer, groups: list[GroupVectors],
+                steps: int, sizes: EpisodeSizes, rng: np.random.Generator, device: str | torch.device,
+                proximal_mu: float = 0.0, anchor: list[Tensor] | None = None) -> list[float]:
+    """`steps` gradient steps, each on one batch with a fresh episode from every group.
+
+    With proximal_mu > 0 the objective adds (mu/2)·Σ‖w − anchor‖² (FedProx; anchor = the global
+    weights, in `model.parameters()` order). Returns the NLL of each step, without the proximal term,
+    so runs with and without FedProx stay comparable.
+    """
+    if not groups:
+        raise ValueError("train_steps needs at least one group")
+    if steps < 0 or proximal_mu < 0:
+        raise ValueError(f"steps={steps} and proximal_mu={proximal_mu} must be >= 0")
+    params = list(model.parameters())
+    if proximal_mu > 0:
+        if anchor is None or len(anchor) != len(params) or any(a.shape != p.shape for a, p in zip(anchor, params)):
+            raise ValueError("proximal_mu > 0 needs anchor = one tensor per model parameter, same shapes "
+                             "(copy the global weights before training: [p.detach().clone() for p in model.parameters()])")
+        anchor = [a.detach().to(device) for a in anchor]
+    model.train()
+    losses = []
+    for _ in range(steps):
+        batch = collate([sample_episode(g, sizes, rng) for g in groups]).to(device)
+        nll = batch_loss(model, batch)
+        loss = nll
+        if proximal_mu > 0:
+            loss = nll + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(nll.item())
+    return losses
+
+
+def predict(model: GPOPredictor, context: GroupVectors, targets: GroupVectors,
+            device: str | torch.device) -> list[np.ndarray]:
+    """Predicted distribution of every target question, all in one forward pass (targets attend
+    only to the context, so this equals predicting each target alone)."""
+    if targets.num_questions == 0:
+        return []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            batch = collate([(context, targets)]).to(device)
+            mean = model(batch.x, batch.y_in, batch.is_context, batch.is_target, batch.segment).mean
+    finally:
+        model.train(was_training)
+    start = len(context.y)
+    flat = mean[0, start:start + len(targets.y)].cpu().numpy()
+    return np.split(flat, targets.offsets[1:-1])
+
+
+def group_distributions(group: GroupVectors) -> dict[str, np.ndarray]:
+    """question key -> the group's distribution (the plain-dict form `metrics` baselines use)."""
+    return dict(zip(group.keys, np.split(group.y, group.offsets[1:-1])))
+
+
+def evaluate_group(model: GPOPredictor, group: GroupVectors, context_size: int = 20, draws: int = 5,
+                   seed: int = 0, device: str | torch.device = "cpu",
+                   metric: QuestionMetric = js_metric) -> dict:
+    """Few-shot evaluation: per draw, `context_size` random context questions (seeded: one seed, one
+    set of draws) and every other question as a target. Scores are averaged over the (question,
+    draw) pairs; NaN scores are excluded and counted, never counted as perfect. `contexts` lists
+    each draw's context question keys, so a result can be audited and reproduced."""
+    n = group.num_questions
+    if n <= context_size:
+        raise ValueError(f"group {group.group!r} has {n} questions; evaluation needs more than "
+                         f"context_size={context_size} (lower eval-context or drop the group)")
+    if context_size < 1 or draws < 1:
+        raise ValueError(f"context_size={context_size} and draws={draws} must be >= 1")
+    rng = np.random.default_rng(seed)
+    truth = group_distributions(group)
+    scores: dict[str, list[float]] = defaultdict(list)
+    contexts = []
+    for _ in range(draws):
+        context = rng.choice(n, size=context_size, replace=False)
+        contexts.append([group.keys[i] for i in context])
+        targets = np.setdiff1d(np.arange(n), context)
+        for i, p in zip(targets, predict(model, group.subset(context), group.subset(targets), device)):
+            key = group.keys[i]
+            scores[key].append(metric(key, p, truth[key]))
+    pairs = [s for per_key in scores.values() for s in per_key]
+    alignment, nan_excluded = mean_excluding_nan(pairs)
+    return {"alignment": alignment,
+            "per_question": {k: mean_excluding_nan(v)[0] for k, v in scores.items()},
+            "n_questions": len(scores), "n_pairs": len(pairs) - nan_excluded, "nan_excluded": nan_excluded,
+            "context_size": context_size, "draws": draws, "seed": seed, "contexts": contexts}
