@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET ?= globalopinionqa
 DATA ?=
-EMBEDDER ?= minilm
+ROUNDS ?= 200
 
 .PHONY: install demo data test bench clean
 
@@ -21,7 +21,10 @@ install: $(VENV)/.installed
 data: install
 	$(VENV)/bin/pluralllm data --dataset $(DATASET) $(if $(DATA),--path $(DATA))
 
-demo: data
+# The main job: federated simulation (GlobalOpinionQA from the hub, or DATA=path; DATASET=opinionqa)
+# and its report in runs/<timestamp>/.
+demo: install
+	$(VENV)/bin/pluralllm demo --dataset $(DATASET) $(if $(DATA),--path $(DATA)) --rounds $(ROUNDS)
 
 test: install
 	$(PY) -m pytest -q

@@ -12,11 +12,12 @@ from . import data as D
 from .config import ConfigError, RunConfig
 
 
-def _dataset_args(parser: argparse.ArgumentParser) -> None:
+def _dataset_args(parser: argparse.ArgumentParser, with_json: bool = True) -> None:
     parser.add_argument("--dataset", choices=["globalopinionqa", "opinionqa"], default="globalopinionqa")
     parser.add_argument("--path", default="", help="local data: global_opinions.csv or OpinionQA's human_resp "
                         "folder (GlobalOpinionQA is downloaded from the hub when omitted)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    if with_json:
+        parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -84,8 +85,30 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     nodes = args.num_supernodes or len(exp.split.train)
     print(f"simulating {len(exp.split.train)} training groups on {nodes} virtual SuperNodes; results in {cfg.out_dir}",
           flush=True)
-    simulate(cfg, nodes, timeout=args.timeout, echo=(lambda line: None) if args.quiet else print)
+    simulate(cfg, nodes, timeout=args.timeout, echo=_own_lines if args.quiet else print)
     _print_outcome(load_results(cfg.out_dir), Path(cfg.out_dir))
+    return 0
+
+
+def _own_lines(line: str) -> None:
+    """--quiet: PluralLLM's own progress lines and errors, not Flower's INFO log."""
+    if line.startswith(("[round", "PluralLLM", "baselines", "done:")) or "ERROR" in line or "Error" in line:
+        print(line, flush=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: embed (cached), simulate the federation, write the report into runs/<timestamp>/."""
+    import time
+
+    run_dir = (Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    overrides = [f"dataset='{args.dataset}' data-path='{Path(args.path).resolve() if args.path else ''}' "
+                 f"num-server-rounds={args.rounds} out-dir='{run_dir / 'fedavg'}'", *(args.run_config or [])]
+    status = cmd_simulate(argparse.Namespace(run_config=overrides, num_supernodes=0, timeout=None, quiet=True))
+    if status:
+        return status
+    cmd_report(argparse.Namespace(runs=[str(run_dir / "fedavg")], out=str(run_dir)))
+    print(f"\ndemo done: open {run_dir / 'report.md'} (plots beside it).\nAt the paper's scale (1,000 rounds; the "
+          "default run-config):  pluralllm simulate -c \"dataset='...' data-path='...'\"")
     return 0
 
 
@@ -133,8 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     _run_config_arg(p)
     p.add_argument("--num-supernodes", type=int, default=0, help="virtual SuperNodes (default: one per training group)")
     p.add_argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
-    p.add_argument("--quiet", action="store_true", help="do not echo Flower's log")
+    p.add_argument("--quiet", action="store_true", help="show PluralLLM's progress lines only, not Flower's log")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", help="the main job: federated simulation on real data, then the report")
+    _dataset_args(p, with_json=False)
+    p.add_argument("--rounds", type=int, default=200, help="server rounds (200 take about 10 minutes on 2 CPU cores)")
+    _run_config_arg(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("report", help="plots and a Markdown table from one or more run directories")
     p.add_argument("runs", nargs="+", help="run directories (each with results.json)")

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from . import data as D
 from .config import ConfigError, RunConfig
 from .data import GroupVectors, PreferenceData
 from .embeddings import EmbeddingTable, embed_questions, group_vectors
-from .metrics import fairness, make_metric, mean_excluding_nan, score_baseline, train_mean_baseline, uniform_prediction
+from .metrics import (alignment_w1, fairness, js_metric, mean_excluding_nan, score_baseline, train_mean_baseline,
+                      uniform_prediction)
 from .model import GPOPredictor, ModelConfig
 from .training import EpisodeSizes, evaluate_group
 
@@ -51,12 +54,14 @@ class Experiment:
 
     @property
     def metrics(self) -> dict:
-        """The scores every evaluation reports: JS alignment always; GPO's W1 score where every
-        question has ordinal options (OpinionQA)."""
-        metrics = {"alignment": make_metric("js")}
-        ordinal = {q.key: q.ordinal for q in self.data.questions}
-        if all(o is not None and len(set(o)) > 1 for o in ordinal.values()):
-            metrics["alignment_w1"] = make_metric("w1", ordinal)
+        """The scores every evaluation reports: JS alignment always; GPO's W1 score as well where
+        questions have ordinal options (OpinionQA) — NaN, so excluded and counted, for the others."""
+        metrics = {"alignment": js_metric}
+        ordinal = {q.key: q.ordinal for q in self.data.questions if q.ordinal and len(set(q.ordinal)) > 1}
+        if ordinal:
+            def w1(key: str, predicted: np.ndarray, true: np.ndarray) -> float:
+                return alignment_w1(predicted, true, ordinal[key]) if key in ordinal else math.nan
+            metrics["alignment_w1"] = w1
         return metrics
 
     @property

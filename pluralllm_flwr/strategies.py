@@ -48,6 +48,7 @@ class PluralMixin:
         self.gradient_steps = 0
         self.rounds: dict[int, dict] = {}     # server round -> {"clients", "failures", "missing", "train_loss"}
         self.client_eval: dict[int, float] = {}
+        self.sent: list[tuple[Message, str]] = []  # this round's messages and the group of each
         self.started = time.perf_counter()
 
     # ----------------------------------------------------------------- addressing
@@ -110,7 +111,16 @@ class PluralMixin:
             out.append(Message(RecordDict({**records, "config": config}), dst_node_id=self.hosts[group],
                                message_type=messages[0].metadata.message_type))
         self.rounds.setdefault(server_round, {})["missing"] = [g for g in self.exp.split.train if g not in self.hosts]
+        self.sent = list(zip(out, groups))  # Flower sets each message's id when it pushes it
         return out
+
+    def _by_group(self, replies: list[Message]) -> list[tuple[str | None, Message]]:
+        """Replies with their group, in training-group order: the aggregate then sums in the same
+        order whatever order the replies arrived in, so a seed gives the same numbers every time."""
+        group_of = {m.metadata.message_id: g for m, g in self.sent}
+        order = {g: i for i, g in enumerate(self.exp.split.train)}
+        pairs = [(group_of.get(r.metadata.reply_to_message_id), r) for r in replies]
+        return sorted(pairs, key=lambda p: (order.get(p[0], len(order)), p[1].metadata.src_node_id))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         return self._per_group(super().configure_train(server_round, arrays, config, grid), server_round, grid,
@@ -123,10 +133,12 @@ class PluralMixin:
 
     # ----------------------------------------------------------------- aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)  # the argument may be a generator; it is read twice
-        ok = [r for r in replies if not r.has_error()]
+        pairs = self._by_group(list(replies))
+        ok = [r for _, r in pairs if not r.has_error()]
+        replies = [r for _, r in pairs]
         info = self.rounds.setdefault(server_round, {})
-        info.update(clients=len(ok), failures=len(replies) - len(ok))
+        info.update(clients=len(ok), failures=len(replies) - len(ok),
+                    failed_groups=[g for g, r in pairs if r.has_error() and g is not None])
         if not ok:
             reasons = sorted({r.error.reason.strip().splitlines()[-1] for r in replies if r.has_error()})
             raise NoClientsError(f"round {server_round}: no client succeeded ({len(replies)} replies); "
@@ -138,7 +150,7 @@ class PluralMixin:
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        metrics = super().aggregate_evaluate(server_round, replies)
+        metrics = super().aggregate_evaluate(server_round, [r for _, r in self._by_group(list(replies))])
         if metrics is not None:
             self.client_eval[server_round] = float(metrics["heldback-alignment"])
         return metrics

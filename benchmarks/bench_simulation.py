@@ -1,0 +1,120 @@
+"""Cost of the Flower simulation against the same client work done in one process; prints Markdown.
+
+For each number of clients (groups), synthetic GlobalOpinionQA-format data with that many groups
+(plus one held-out group) is trained for R rounds (a) in one Python process — per round, every
+group's local steps from the global weights, then the weighted average, with the same episodes as
+the ClientApp draws — and (b) with `pluralllm simulate` (Ray, one virtual SuperNode per group, two
+client processes at a time on this 2-core machine). Reported: steady-state seconds per round
+(rounds after the first, evaluation excluded), the start-up cost (the whole `flwr run` minus R
+steady rounds), and the peak extra memory of the machine while it ran.
+
+    .venv/bin/python benchmarks/bench_simulation.py [--clients 8 32 128] [--rounds 6]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pluralllm_flwr.config import RunConfig  # noqa: E402
+from pluralllm_flwr.data import seeded_rng  # noqa: E402
+from pluralllm_flwr.experiment import prepare_experiment  # noqa: E402
+from pluralllm_flwr.results import load_results  # noqa: E402
+from pluralllm_flwr.simulation import simulate  # noqa: E402
+from tests.conftest import synthetic_goqa  # noqa: E402
+from pluralllm_flwr.training import train_steps  # noqa: E402
+
+
+class PeakMemory:
+    """Peak of (used memory − used memory at start) of the whole machine, sampled every 0.2 s."""
+
+    def __enter__(self):
+        self.start = psutil.virtual_memory().used
+        self.peak, self.running = 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, psutil.virtual_memory().used - self.start)
+            time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def in_process_rounds(cfg: RunConfig, rounds: int) -> list[float]:
+    """Seconds of each round of the same client work without Flower."""
+    exp = prepare_experiment(cfg, progress=False)
+    global_state = exp.build_model().state_dict()
+    vectors = {g: exp.vectors(g, "train") for g in exp.split.train}
+    times = []
+    for server_round in range(1, rounds + 1):
+        start = time.perf_counter()
+        states, weights = [], []
+        for group, data in vectors.items():
+            model = exp.build_model()
+            model.load_state_dict(global_state)
+            optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            train_steps(model, optimizer, [data], cfg.local_steps, exp.sizes,
+                        seeded_rng(cfg.seed, "train", group, server_round), "cpu")
+            states.append(model.state_dict())
+            weights.append(data.num_questions)
+        w = np.asarray(weights, np.float64) / sum(weights)
+        global_state = {k: sum(wi * s[k] for wi, s in zip(w, states)) for k in global_state}
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--questions", type=int, default=150)
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="bench-sim-"))
+    rows = []
+    for n in args.clients:
+        groups = [f"G{i:03d}" for i in range(n + 1)]
+        data = synthetic_goqa(scratch / f"goqa{n}.csv", groups, n_questions=args.questions)
+        cfg = RunConfig(data_path=str(data), train_groups=",".join(groups[:-1]), eval_groups=groups[-1],
+                        cache_dir=str(scratch / "cache"), num_server_rounds=args.rounds, eval_every=args.rounds,
+                        eval_draws=1, out_dir=str(scratch / f"run{n}"))
+        prepare_experiment(cfg, progress=False)  # embed once, outside both timings
+        with PeakMemory() as base_mem:
+            base = in_process_rounds(cfg, args.rounds)
+        start = time.perf_counter()
+        with PeakMemory() as sim_mem:
+            simulate(cfg, n, echo=lambda line: None)
+        wall = time.perf_counter() - start
+        history = load_results(cfg.out_dir)["history"]
+        # Round 0 is evaluated after the nodes answered the host query (Ray actors are up by then), so
+        # rounds 1..R between the two evaluation points are steady state (plus one tiny evaluation).
+        per_round_sim = (history[-1]["wall_seconds"] - history[0]["wall_seconds"]) / args.rounds
+        steady_base = float(np.median(base[1:]))
+        rows.append((n, steady_base, per_round_sim, wall, wall - args.rounds * per_round_sim,
+                     base_mem.peak / 2**30, sim_mem.peak / 2**30))
+        print(f"{n} clients done: in-process {steady_base:.2f} s/round, simulation {per_round_sim:.2f} s/round",
+              file=sys.stderr, flush=True)
+    print(f"\n{args.rounds} rounds, {args.questions} questions per group, 6 local steps, MiniLM (384-d), "
+          f"torch {torch.__version__}, {psutil.cpu_count()} CPUs\n")
+    print("| clients | in-process s/round | simulation s/round | overhead | `flwr run` wall s | start-up + teardown s "
+          "| peak extra RAM in-process | peak extra RAM simulation |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, base, sim, wall, startup, mem_base, mem_sim in rows:
+        print(f"| {n} | {base:.2f} | {sim:.2f} | {100 * (sim / base - 1):+.0f}% | {wall:.1f} | {startup:.1f} | "
+              f"{mem_base:.2f} GiB | {mem_sim:.2f} GiB |")
+
+
+if __name__ == "__main__":
+    main()
