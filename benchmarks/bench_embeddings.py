@@ -8,13 +8,12 @@ are topped up with synthetic survey questions to --prompts. Prints a Markdown ta
 from __future__ import annotations
 
 import argparse
-import ast
 import tempfile
 import time
 from pathlib import Path
 
 from pluralllm_flwr import embeddings as emb
-from pluralllm_flwr.data import Question
+from pluralllm_flwr.data import Question, load_globalopinionqa
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "globalopinionqa" / "sample.csv"
 LIKERT = ("Strongly agree", "Somewhat agree", "Somewhat disagree", "Strongly disagree", "DK/Refused")
@@ -23,14 +22,8 @@ TOPICS = ("scientists", "the national government", "the news media", "religious 
 
 
 def questions(n_prompts: int) -> tuple[list[Question], int]:
-    """Real sample questions first (minimal parsing: question text and options), then synthetic ones."""
-    real: list[Question] = []
-    if SAMPLE.is_file():
-        import pandas as pd
-
-        frame = pd.read_csv(SAMPLE, dtype=str, keep_default_na=False)
-        real = [Question(str(i), text.strip(), tuple(str(o) for o in ast.literal_eval(opts)))
-                for i, (text, opts) in enumerate(zip(frame["question"], frame["options"]))]
+    """Real sample questions first, then synthetic ones."""
+    real = load_globalopinionqa(SAMPLE).questions if SAMPLE.is_file() else []
     out = list(real)
     while sum(len(q.options) for q in out) < n_prompts:
         i = len(out)

@@ -120,6 +120,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from .reward import format_scores, score_command
+
+    result = score_command(args.checkpoint, args.context, args.questions, cache_dir=args.cache_dir or None,
+                           device=args.device, progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_scores(result))
+    return 0
+
+
 def _print_outcome(results: dict, out_dir: Path) -> None:
     final, best, base = results["final"], results["best"], results["baselines"]
     print(f"{results['method']}: final held-out alignment {final['alignment']:.4f} (round {final['round']}), "
@@ -164,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=200, help="server rounds (200 take about 10 minutes on 2 CPU cores)")
     _run_config_arg(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("score", help="predict groups' answer distributions with a trained checkpoint (reward model)")
+    p.add_argument("--checkpoint", required=True, help="best.safetensors or last.safetensors of a run")
+    p.add_argument("--context", required=True, help="JSON: {\"group\", \"answers\": [{\"question\", \"options\", "
+                   "\"distribution\"}]} or a list of such groups")
+    p.add_argument("--questions", required=True, help="JSON: [{\"question\", \"options\"}, ...]")
+    p.add_argument("--cache-dir", default="", help="embedding cache (default ~/.cache/pluralllm)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("report", help="plots and a Markdown table from one or more run directories")
     p.add_argument("runs", nargs="+", help="run directories (each with results.json)")

@@ -15,6 +15,8 @@ from pluralllm_flwr.data import PreferenceData, Question
 from pluralllm_flwr.embeddings import (EmbeddingError, EmbeddingTable, embed_questions, format_prompt, group_vectors,
                                        load_reference_pickle)
 
+from .conftest import tiny_causal_lm
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -29,24 +31,9 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A random 2-layer Llama and a byte-level BPE tokenizer, both built here: no download, no package."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    corpus = [format_prompt(q, i) for q in QUESTIONS for i in range(len(q.options))]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, show_progress=False,
-                                                        special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                  eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=tok.pad_token_id)
+    model, tok = tiny_causal_lm([format_prompt(q, i) for q in QUESTIONS for i in range(len(q.options))])
     folder = tmp_path_factory.mktemp("tiny_llama")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

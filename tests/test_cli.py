@@ -1,0 +1,38 @@
+"""The `pluralllm` command's subcommands, through `cli.main` as a user calls them."""
+import json
+
+from pluralllm_flwr.centralized import train_centralized
+from pluralllm_flwr.cli import main
+
+
+def test_embed_json_then_cached(tiny_paths, tmp_path, capsys):
+    args = ["embed", "--path", tiny_paths["data-path"], "--cache-dir", str(tmp_path / "cache"), "--json"]
+    infos = []
+    for _ in range(2):
+        assert main(args) == 0
+        infos.append(json.loads(capsys.readouterr().out))
+    assert set(infos[0]) == {"vectors", "dim", "model", "cache_file", "cached", "seconds"}
+    assert infos[0]["dim"] == 384 and infos[0]["model"] == "minilm" and infos[0]["vectors"] > 40
+    assert (infos[0]["cached"], infos[1]["cached"]) == (False, True)
+    assert infos[0]["cache_file"] == infos[1]["cache_file"]
+
+
+def test_embed_unknown_model_path_is_a_clear_error(tiny_paths, tmp_path, capsys):
+    assert main(["embed", "--path", tiny_paths["data-path"], "--model", str(tmp_path / "no-model")]) == 2
+    assert "pluralllm: error:" in capsys.readouterr().err
+
+
+def test_score_json(tiny_config, tmp_path, capsys):
+    cfg = tiny_config()
+    train_centralized(cfg, progress=False)
+    context = {"group": "G2", "answers": [{"question": f"Question {i}?", "options": ["Yes", "No"],
+                                           "distribution": [0.3, 0.7]} for i in range(5)]}
+    questions = [{"question": "Do you like tea?", "options": ["A lot", "Some", "Not at all"]}]
+    (tmp_path / "c.json").write_text(json.dumps(context))
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    assert main(["score", "--checkpoint", f"{cfg.out_dir}/best.safetensors", "--context", str(tmp_path / "c.json"),
+                 "--questions", str(tmp_path / "q.json"), "--cache-dir", cfg.cache_dir, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    prediction = out["groups"]["G2"]["predictions"][0] if "groups" in out else None
+    assert prediction is not None, out
+    assert len(prediction["distribution"]) == 3 and abs(sum(prediction["distribution"]) - 1) < 1e-5
