@@ -6,7 +6,7 @@ DATASET ?= globalopinionqa
 DATA ?=
 ROUNDS ?= 200
 
-.PHONY: install demo data test gpu-check bench clean
+.PHONY: install demo data test gpu-check privacy deploy certs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,30 @@ gpu-check: install
 	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  $(PY) benchmarks/bench_predictor.py --device cuda --repeats 3; \
 	else echo "no CUDA device: GPU timing skipped"; fi
+
+# Alignment against privacy spent: FedAvg with client-side DP at three noise levels, then one report.
+PRIVACY_ROUNDS ?= 100
+privacy: install
+	for noise in 0.3 1.0 3.0; do \
+	  $(VENV)/bin/pluralllm simulate --quiet -c "dataset='$(DATASET)' data-path='$(abspath $(DATA))' \
+	    num-server-rounds=$(PRIVACY_ROUNDS) dp='client' weighting='uniform' dp-noise=$$noise \
+	    out-dir='$(CURDIR)/runs/privacy/noise-$$noise'" || exit 1; \
+	done
+	$(VENV)/bin/pluralllm report runs/privacy/noise-* --out runs/privacy
+
+# A real federation on this machine: a SuperLink and NODES SuperNodes on 127.0.0.1, each SuperNode
+# holding only its group's bundle, TLS on; every process is stopped afterwards (docs/deployment.md).
+NODES ?= 3
+DEPLOY_ROUNDS ?= 10
+deploy: install
+	$(VENV)/bin/pluralllm deploy local --groups $(NODES) --quiet -c "dataset='$(DATASET)' \
+	  data-path='$(if $(DATA),$(abspath $(DATA)))' num-server-rounds=$(DEPLOY_ROUNDS)"
+
+# A demo certificate authority and SuperLink certificate: make certs HOSTS="superlink.example.org 10.0.0.5"
+CERTS ?= $(HOME)/.pluralllm/certs
+HOSTS ?=
+certs: install
+	$(VENV)/bin/pluralllm deploy certs --out-dir $(CERTS) $(foreach h,$(HOSTS),--host $(h))
 
 # Benchmarks: each prints Markdown tables (figures in the README).
 bench: install

@@ -93,6 +93,10 @@ def main() -> None:
         prepare_experiment(cfg, progress=False)  # embed once, outside both timings
         with PeakMemory() as base_mem:
             base = in_process_rounds(cfg, args.rounds)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as each virtual client runs; the simulation runs two of them at once
+        single = in_process_rounds(cfg, args.rounds)
+        torch.set_num_threads(threads)
         start = time.perf_counter()
         with PeakMemory() as sim_mem:
             simulate(cfg, n, echo=lambda line: None)
@@ -101,20 +105,22 @@ def main() -> None:
         # Round 0 is evaluated after the nodes answered the host query (Ray actors are up by then), so
         # rounds 1..R between the two evaluation points are steady state (plus one tiny evaluation).
         per_round_sim = (history[-1]["wall_seconds"] - history[0]["wall_seconds"]) / args.rounds
-        steady_base = float(np.median(base[1:]))
-        rows.append((n, steady_base, per_round_sim, wall, wall - args.rounds * per_round_sim,
+        steady_base, steady_single = float(np.median(base[1:])), float(np.median(single[1:]))
+        rows.append((n, steady_base, steady_single, per_round_sim, wall, wall - args.rounds * per_round_sim,
                      base_mem.peak / 2**30, sim_mem.peak / 2**30))
-        print(f"{n} clients done: in-process {steady_base:.2f} s/round, simulation {per_round_sim:.2f} s/round",
+        print(f"{n} clients done: in-process {steady_base:.2f} s/round ({steady_single:.2f} with 1 thread), "
+              f"simulation {per_round_sim:.2f} s/round",
               file=sys.stderr, flush=True)
     print(f"\n{args.rounds} rounds, {args.questions} questions per group, 6 local steps, MiniLM (384-d), "
-          f"torch {torch.__version__}, {psutil.cpu_count()} CPUs\n")
-    print("| clients | in-process s/round | simulation s/round | overhead | `flwr run` wall s | start-up + teardown s "
-          "| peak extra RAM in-process | peak extra RAM simulation |")
-    print("|---|---|---|---|---|---|---|---|")
-    for n, base, sim, wall, startup, mem_base, mem_sim in rows:
-        print(f"| {n} | {base:.2f} | {sim:.2f} | {100 * (sim / base - 1):+.0f}% | {wall:.1f} | {startup:.1f} | "
-              f"{mem_base:.2f} GiB | {mem_sim:.2f} GiB |")
-
+          f"torch {torch.__version__}, {psutil.cpu_count()} CPUs. 'Ideal' = the 1-thread in-process time / 2: "
+          "the two 1-thread client processes of the simulation with no overhead at all.\n")
+    print("| clients | in-process s/round (torch threads) | in-process s/round (1 thread) | simulation s/round | "
+          "overhead vs ideal | `flwr run` wall s | start-up + teardown s | peak extra RAM in-process | "
+          "peak extra RAM simulation |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, base, single, sim, wall, startup, mem_base, mem_sim in rows:
+        print(f"| {n} | {base:.2f} | {single:.2f} | {sim:.2f} | {100 * (sim / (single / 2) - 1):+.0f}% | {wall:.1f} | "
+              f"{startup:.1f} | {mem_base:.2f} GiB | {mem_sim:.2f} GiB |")
 
 if __name__ == "__main__":
     main()

@@ -90,6 +90,64 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """Write one file per group with just that group's data, for its SuperNode (or the server)."""
+    from .bundle import write_bundles
+    from .experiment import prepare_experiment
+
+    cfg = _run_config(args)
+    if cfg.eval_bundles:
+        raise ConfigError("`pluralllm bundle` reads the dataset: leave run-config eval-bundles empty")
+    exp = prepare_experiment(cfg)
+    train, held = exp.split.train, exp.split.eval
+    groups = train + held if args.all else list(dict.fromkeys(args.group or []))
+    if not groups:
+        raise ConfigError("name the groups to bundle with --group NAME (repeatable), or --all")
+    unknown = [g for g in groups if g not in train + held]
+    if unknown:
+        raise ConfigError(f"group(s) {unknown} are not in this run; training groups: {train}; held-out: {held}")
+    paths = {g: p.resolve() for g, p in write_bundles(exp, groups, args.out_dir).items()}
+    for group, path in paths.items():
+        role = "training" if group in train else "held-out"
+        print(f"{role:<8}  {group}: {path} ({len(exp.data.answers[group])} questions)")
+    if any(g in train for g in paths):
+        print("\neach training group's SuperNode: flower-supernode ... --node-config \"bundle='<its path>'\"")
+    if any(g in held for g in paths):
+        print(f"the server's run-config: eval-bundles='{','.join(str(p) for g, p in paths.items() if g in held)}'")
+    return 0
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    from flwr.common.config import parse_config_args
+
+    from .deploy import deploy_local, deployment_defaults
+    from .results import load_results, out_dir_for
+
+    given = parse_config_args(args.run_config)
+    cfg = RunConfig.from_mapping(given)
+    defaults = {k: v for k, v in deployment_defaults(args.groups).items() if k.replace("_", "-") not in given}
+    cfg = cfg.replace(out_dir=str(out_dir_for(cfg, cfg.strategy)), **defaults)
+    print(f"deploying {args.groups} SuperNodes and a SuperLink on 127.0.0.1 ({'no TLS' if args.insecure else 'TLS'}); "
+          f"results in {cfg.out_dir}", flush=True)
+    outcome = deploy_local(cfg, args.groups, insecure=args.insecure, timeout=args.timeout,
+                           echo=_own_lines if args.quiet else print)
+    _print_outcome(load_results(cfg.out_dir), Path(cfg.out_dir))
+    print(f"logs of every process: {outcome['logs']}")
+    return 0
+
+
+def cmd_deploy_certs(args: argparse.Namespace) -> int:
+    from .deploy import make_certificates
+
+    paths = make_certificates(args.out_dir, args.host, args.days)
+    print(f"certificate authority: {paths['ca'].resolve()}  (to every SuperNode: --root-certificates; "
+          "to the flwr CLI: root-certificates in its connection)")
+    print(f"SuperLink certificate: {paths['cert'].resolve()} and key {paths['key'].resolve()}  (SuperLink only: "
+          "--ssl-certfile, --ssl-keyfile, --ssl-ca-certfile <the CA>)")
+    print(f"CA private key: {paths['ca_key'].resolve()}  (signs certificates: keep it off the machines)")
+    return 0
+
+
 def _own_lines(line: str) -> None:
     """--quiet: PluralLLM's own progress lines and errors, not Flower's INFO log."""
     if line.startswith(("[round", "PluralLLM", "baselines", "done:")) or "ERROR" in line or "Error" in line:
@@ -130,10 +188,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def _print_outcome(results: dict, out_dir: Path) -> None:
-    final, best, base = results["final"], results["best"], results["baselines"]
+    from .experiment import baseline_summary
+
+    final, best = results["final"], results["best"]
     print(f"{results['method']}: final held-out alignment {final['alignment']:.4f} (round {final['round']}), "
-          f"best {best['alignment']:.4f} (round {best['round']}); baselines: uniform "
-          f"{base['uniform']['alignment']:.4f}, train-mean {base['train_mean']['alignment']:.4f}\nresults: {out_dir}")
+          f"best {best['alignment']:.4f} (round {best['round']}); baselines: {baseline_summary(results['baselines'])}"
+          f"\nresults: {out_dir}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +228,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="show PluralLLM's progress lines only, not Flower's log")
     p.set_defaults(func=cmd_simulate)
 
+    p = sub.add_parser("bundle", help="write per-group data bundles: all a group's SuperNode (or the server, for "
+                       "the held-out groups) needs, and nothing of any other group")
+    _run_config_arg(p)
+    p.add_argument("--group", action="append", metavar="NAME", help="a group to bundle (repeatable)")
+    p.add_argument("--all", action="store_true", help="every training and held-out group of the run")
+    p.add_argument("--out-dir", required=True, help="folder for the <group>.bundle.safetensors files")
+    p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser("deploy", help="the app as a real federation: a SuperLink and one SuperNode per group")
+    deploy = p.add_subparsers(dest="deploy_command", required=True)
+    q = deploy.add_parser("local", help="a SuperLink and N SuperNodes on 127.0.0.1: run, collect results, stop all")
+    _run_config_arg(q)
+    q.add_argument("--groups", type=int, required=True, help="SuperNodes: one for each of the first N training groups")
+    q.add_argument("--insecure", action="store_true", help="no TLS (loopback only; TLS with a demo CA otherwise)")
+    q.add_argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
+    q.add_argument("--quiet", action="store_true", help="show PluralLLM's progress lines only, not Flower's log")
+    q.set_defaults(func=cmd_deploy_local)
+    q = deploy.add_parser("certs", help="a demo certificate authority and a SuperLink certificate (TLS)")
+    q.add_argument("--out-dir", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
+    q.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP", help="an address the SuperNodes "
+                   "use to reach the SuperLink (repeatable); 127.0.0.1 and localhost are always included")
+    q.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    q.set_defaults(func=cmd_deploy_certs)
+
     p = sub.add_parser("demo", help="the main job: federated simulation on real data, then the report")
     _dataset_args(p, with_json=False)
     p.add_argument("--rounds", type=int, default=200, help="server rounds (200 take about 10 minutes on 2 CPU cores)")
@@ -200,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     except (D.DataError, ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"pluralllm: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("pluralllm: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,21 +1,26 @@
 """The ClientApp: a SuperNode trains and evaluates the global predictor on the groups it hosts.
 
-Which groups: in a deployment the node-config names its group (`group=...`); in simulation node
-`partition-id` p of `num-partitions` N hosts training groups p, p+N, p+2N, ... so any number of
-virtual nodes covers every group. Each message names the one group it is for.
+Which groups: in a deployment the node-config names the node's bundle (`bundle='/abs/path'`, written
+by `pluralllm bundle`): the node hosts that one group and reads nothing but that file. In simulation
+node `partition-id` p of `num-partitions` N hosts training groups p, p+N, p+2N, ... of the dataset,
+so any number of virtual nodes covers every group. Each message names the one group it is for.
 """
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from .config import RunConfig
-from .data import seeded_rng
-from .experiment import Experiment, prepare_experiment, resolve_device
+from .bundle import BundleError, read_bundle
+from .config import ConfigError, RunConfig
+from .data import GroupSplit, seeded_rng
+from .experiment import Experiment, bundle_experiment, prepare_experiment, resolve_device
 from .strategies import HOSTS_QUERY, UNIT_WEIGHT
 from .training import predict, train_steps
 from .metrics import alignment, mean_excluding_nan
@@ -25,26 +30,36 @@ app = ClientApp()
 
 @functools.lru_cache(maxsize=2)
 def _experiment(cfg: RunConfig) -> Experiment:
-    """Loaded once per process (a Ray actor or SuperNode serves many rounds)."""
+    """The whole dataset, loaded once per process (a Ray actor serves many rounds)."""
     return prepare_experiment(cfg, progress=False)
+
+
+@functools.lru_cache(maxsize=2)
+def _bundle_experiment(cfg: RunConfig, path: str) -> Experiment:
+    """A deployed node's one group, from its bundle alone."""
+    if not Path(path).is_absolute():
+        raise BundleError(f"node-config bundle={path!r} must be an absolute path (the ClientApp is a separate process "
+                          "whose working directory is Flower's choice)")
+    bundle = read_bundle(path)
+    return bundle_experiment(cfg, [bundle], GroupSplit([bundle.group], []))
 
 
 def _setup(context: Context) -> tuple[RunConfig, Experiment, list[str]]:
     cfg = RunConfig.from_mapping(context.run_config)
     node = context.node_config
-    if "partition-id" in node:  # simulation: share CPU threads between the virtual nodes
-        torch.set_num_threads(1)
-    exp = _experiment(cfg)
-    train = exp.split.train
-    if "group" in node:
-        group = str(node["group"])
-        if group not in train:
-            raise ValueError(f"node-config group={group!r} is not a training group of this run ({train})")
-        return cfg, exp, [group]
+    if "bundle" in node:
+        exp = _bundle_experiment(cfg, str(node["bundle"]))
+        return cfg, exp, exp.split.train
     if "partition-id" not in node:
-        raise ValueError("this SuperNode's node-config names no group: start it with --node-config \"group='<name>'\"")
+        raise ValueError("this SuperNode's node-config names no bundle: start it with --node-config "
+                         "\"bundle='/abs/path/<group>.bundle.safetensors'\" (written by `pluralllm bundle`)")
+    if cfg.eval_bundles:
+        raise ConfigError("run-config 'eval-bundles' is for deployments, where the server holds only the held-out "
+                          "groups' bundles; a simulation loads the dataset: leave eval-bundles empty")
+    torch.set_num_threads(1)  # simulation: share CPU threads between the virtual nodes
+    exp = _experiment(cfg)
     pid, n = int(node["partition-id"]), int(node["num-partitions"])
-    return cfg, exp, train[pid::n]
+    return cfg, exp, exp.split.train[pid::n]
 
 
 def _group_of(msg: Message, hosted: list[str]) -> str:
@@ -60,7 +75,15 @@ def hosted_groups(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"hosted": ConfigRecord({"groups": hosted})}), reply_to=msg)
 
 
-@app.train()
+def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """Flower's `fixedclipping_mod` for rounds whose config carries a clipping norm (run-config
+    dp="client"); other runs pass straight through."""
+    if KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
     cfg, exp, hosted = _setup(context)
     group = _group_of(msg, hosted)

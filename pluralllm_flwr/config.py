@@ -17,6 +17,7 @@ DATASETS = ("globalopinionqa", "opinionqa")
 STRATEGIES = ("fedavg", "fedprox", "fedmedian")
 WEIGHTINGS = ("num-examples", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
+DP_MODES = ("none", "client", "server")
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,7 @@ class RunConfig:
     auto_eval_fraction: float = 0.3   # "auto" split: seeded share of those groups held out
     common_questions: bool = True     # keep only questions every selected group answered (the authors' protocol)
     heldback_fraction: float = 0.2    # share of each training group's questions kept back for its own evaluation
+    eval_bundles: str = ""            # deployment server: comma-separated absolute paths of the held-out groups' bundles
     # embeddings
     embedder: str = "minilm"
     cache_dir: str = ""               # "" = ~/.cache/pluralllm
@@ -66,6 +68,12 @@ class RunConfig:
     num_layers: int = 6
     num_heads: int = 4
     dim_feedforward: int = 128
+    # differential privacy (Flower's fixed-clipping wrappers) and recovery
+    dp: str = "none"                  # none | client (clip on each client) | server (clip on the server)
+    dp_clip: float = 1.0              # clipping norm of each client's update
+    dp_noise: float = 1.0             # noise multiplier of the Gaussian mechanism
+    dp_delta: float = 1e-5            # delta at which the spent epsilon is reported
+    resume: bool = False              # continue the run in out-dir from its last checkpoint
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
@@ -95,7 +103,22 @@ class RunConfig:
                               f"{self.min_context}..{self.max_context} and {self.min_target}..{self.max_target}")
         if self.d_model % self.num_heads:
             raise ConfigError(f"run-config 'd-model' ({self.d_model}) must be divisible by 'num-heads' ({self.num_heads})")
-        if self.dataset == "opinionqa" and not self.data_path:
+        _check_choice("dp", self.dp, DP_MODES)
+        if self.dp != "none":
+            if not (self.dp_clip > 0 and self.dp_noise > 0 and 0 < self.dp_delta < 1):
+                raise ConfigError(f"run-config dp={self.dp!r} needs dp-clip > 0, dp-noise > 0 and 0 < dp-delta < 1, got "
+                                  f"{self.dp_clip}, {self.dp_noise}, {self.dp_delta}")
+            if self.weighting != "uniform" or self.fraction_train != 1 or self.strategy == "fedmedian":
+                raise ConfigError(f"run-config dp={self.dp!r} needs weighting='uniform', fraction-train=1 and a "
+                                  "mean-based strategy (fedavg or fedprox): the noise is calibrated to a uniform "
+                                  "average of every client's clipped update")
+        if self.resume and not self.out_dir:
+            raise ConfigError("run-config resume=true needs 'out-dir': the directory of the run to continue")
+        relative = [p for p in self.bundle_paths if not Path(p).is_absolute()]
+        if relative:
+            raise ConfigError(f"run-config 'eval-bundles' needs absolute paths (the ServerApp runs in the SuperLink's "
+                              f"directory), got {relative}")
+        if self.dataset == "opinionqa" and not self.data_path and not self.eval_bundles:
             raise ConfigError("run-config 'data-path' is required for dataset 'opinionqa': pass the opinions_qa "
                               "human_resp folder, e.g. --run-config \"data-path='/abs/path/human_resp'\"")
 
@@ -117,15 +140,21 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     @property
+    def bundle_paths(self) -> list[str]:
+        """`eval-bundles` as a list of paths."""
+        return [p.strip() for p in self.eval_bundles.split(",") if p.strip()]
+
+    @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "pluralllm"
 
     def group_list(self, which: str) -> list[str] | str:
-        """`train-groups`/`eval-groups` as a list of names, or "" (default split) / "auto"."""
+        """`train-groups`/`eval-groups` as a list of names, or "" (default split) / "auto". Names are
+        separated by ";" when there is one (OpinionQA has names with commas: "$100,000 or more"), else by ","."""
         raw = getattr(self, which).strip()
         if raw in ("", "auto"):
             return raw
-        return [g.strip() for g in raw.split(",") if g.strip()]
+        return [g.strip() for g in raw.split(";" if ";" in raw else ",") if g.strip()]
 
 
 def _kebab(name: str) -> str:

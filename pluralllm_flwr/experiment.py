@@ -8,13 +8,15 @@ import logging
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import data as D
+from .bundle import Bundle, BundleError, read_bundle
 from .config import ConfigError, RunConfig
-from .data import GroupVectors, PreferenceData
+from .data import GroupVectors, PreferenceData, Question
 from .embeddings import EmbeddingTable, embed_questions, group_vectors
 from .metrics import (alignment_w1, fairness, js_metric, mean_excluding_nan, score_baseline, train_mean_baseline,
                       uniform_prediction)
@@ -102,23 +104,43 @@ class Experiment:
         return entry
 
     def baselines(self) -> dict:
-        """Uniform, and the training groups' mean answer per question, scored on the held-out groups."""
+        """Uniform, and the training groups' mean answer per question, scored on the held-out groups.
+        The second needs the training groups' answers: where this run does not hold them (a
+        deployment's server has only the held-out groups' bundles) it is null, with the reason."""
         keys = [q.key for q in self.data.questions]
         n_options = {q.key: len(q.options) for q in self.data.questions}
         truths = {g: {keys[q]: d for q, d in self.data.answers[g].items()} for g in self.split.eval}
+        uniform = {k: uniform_prediction(n) for k, n in n_options.items()}
+        scored = score_baseline(uniform, truths, self.metrics["alignment"])
+        out = {"uniform": {"alignment": scored["pooled"], "per_group": scored["per_group"]}}
+        absent = [g for g in self.split.train if g not in self.data.answers]
+        if absent:
+            out["train_mean"] = {"alignment": None, "per_group": None, "coverage": None,
+                                 "unavailable": "it needs the training groups' answers, which stay on their "
+                                                "SuperNodes; this server holds only the held-out groups' bundles"}
+            return out
         train = [{keys[q]: self.data.answers[g][q] for q in self.question_ids(g, "train")} for g in self.split.train]
         mean = train_mean_baseline(train, n_options)
-        uniform = {k: uniform_prediction(n) for k, n in n_options.items()}
-        out = {}
-        for name, predictions in (("uniform", uniform), ("train_mean", mean.predictions)):
-            scored = score_baseline(predictions, truths, self.metrics["alignment"])
-            out[name] = {"alignment": scored["pooled"], "per_group": scored["per_group"]}
-        out["train_mean"]["coverage"] = mean.coverage
+        scored = score_baseline(mean.predictions, truths, self.metrics["alignment"])
+        out["train_mean"] = {"alignment": scored["pooled"], "per_group": scored["per_group"], "coverage": mean.coverage}
         return out
 
 
+def baseline_summary(baselines: dict) -> str:
+    """One line for printouts: "uniform 0.9012, train-mean 0.9301 (coverage 100%)", or the reason
+    the train-mean baseline is unavailable."""
+    mean = baselines["train_mean"]
+    text = (f"train-mean {mean['alignment']:.4f} (coverage {mean['coverage']:.0%})" if mean["alignment"] is not None
+            else f"train-mean unavailable ({mean['unavailable']})")
+    return f"uniform {baselines['uniform']['alignment']:.4f}, {text}"
+
+
 def prepare_experiment(cfg: RunConfig, progress: bool = True) -> Experiment:
-    """Load and split the data and embed its questions (cached), validating before any training."""
+    """Load and split the data and embed its questions (cached), validating before any training.
+    With run-config `eval-bundles` (a deployment's server) only the held-out groups' bundles are read."""
+    if cfg.eval_bundles:
+        bundles = [read_bundle(p) for p in cfg.bundle_paths]
+        return bundle_experiment(cfg, bundles, _deployment_split(cfg, bundles))
     data, split = D.prepare(cfg)
     table, info = embed_questions(data.questions, cfg.embedder, cache_dir=cfg.cache_path,
                                   device=resolve_device(cfg.device), progress=progress)
@@ -132,3 +154,60 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run-config device='cuda' but no CUDA device is available; use device='auto' or 'cpu'")
     return device
+
+
+def bundle_experiment(cfg: RunConfig, bundles: list[Bundle], split: D.GroupSplit) -> Experiment:
+    """An Experiment over bundles only: a SuperNode's own group, or the server's held-out groups.
+
+    Their questions keep the run's order (each bundle records every question's position in it), so
+    `vectors`, the held-back split and `evaluate` give exactly what the whole dataset gives."""
+    if not bundles:
+        raise BundleError("no bundles given")
+    first = bundles[0]
+    by_index: dict[int, tuple[Question, np.ndarray, Path]] = {}
+    for b in bundles:
+        if (b.embedder, b.dataset) != (cfg.embedder, cfg.dataset):
+            raise BundleError(f"bundle {b.path} holds {b.dataset} embedded with {b.embedder!r}, but the run-config "
+                              f"says dataset={cfg.dataset!r} embedder={cfg.embedder!r}; rebuild the bundle with the "
+                              "run's run-config (`pluralllm bundle -c ...`) or run with the bundle's settings")
+        if (b.prompt_format, b.dim) != (first.prompt_format, first.dim):
+            raise BundleError(f"bundles {first.path} and {b.path} differ in prompt format or embedding size; "
+                              "build every bundle of a run with the same run-config")
+        rows = np.split(b.vectors.x, b.vectors.offsets[1:-1])
+        for question, index, x in zip(b.questions, b.indices, rows):
+            seen = by_index.setdefault(index, (question, x, b.path))
+            if seen[0] != question:
+                raise BundleError(f"bundles {seen[2]} and {b.path} disagree on question {index} ({seen[0].key!r} vs "
+                                  f"{question.key!r}): they were built with different run-configs; rebuild them")
+    order = sorted(by_index)
+    position = {index: p for p, index in enumerate(order)}
+    answers: dict[str, dict[int, np.ndarray]] = {}
+    for b in bundles:
+        if b.group in answers:
+            raise BundleError(f"two bundles of group {b.group!r} given ({b.path} and another); give one")
+        answers[b.group] = {position[i]: y for i, y in zip(b.indices, np.split(b.vectors.y, b.vectors.offsets[1:-1]))}
+    questions = [by_index[i][0] for i in order]
+    data = PreferenceData(first.dataset, questions, answers)
+    offsets = np.concatenate([[0], np.cumsum([len(q.options) for q in questions])]).astype(np.int64)
+    table = EmbeddingTable(first.embedder, first.dim, first.prompt_format, [q.key for q in questions],
+                           np.concatenate([by_index[i][1] for i in order]), offsets)
+    return Experiment(cfg, data, split, table, {"bundles": [str(b.path) for b in bundles]})
+
+
+def _deployment_split(cfg: RunConfig, bundles: list[Bundle]) -> D.GroupSplit:
+    """The server's split when it holds only held-out bundles: the training groups as the run-config
+    names them (or the dataset's default split), the held-out groups those of the bundles."""
+    train, named_eval = cfg.group_list("train_groups"), cfg.group_list("eval_groups")
+    if "auto" in (train, named_eval):
+        raise ConfigError("run-config train-groups/eval-groups 'auto' needs the whole dataset; with eval-bundles "
+                          "name the groups, e.g. train-groups='A,B,C'")
+    if train == "":
+        train = D.GOQA_TRAIN if cfg.dataset == "globalopinionqa" else D.OPINIONQA_TRAIN
+    held = [b.group for b in bundles]
+    if named_eval and sorted(named_eval) != sorted(held):
+        raise ConfigError(f"run-config eval-groups {named_eval} differ from the groups of eval-bundles {held}")
+    overlap = sorted(set(train) & set(held))
+    if overlap:
+        raise ConfigError(f"eval-bundles hold training group(s) {overlap}: the server evaluates on held-out groups "
+                          "only; give their bundles to their SuperNodes instead")
+    return D.GroupSplit(list(train), list(named_eval or held))

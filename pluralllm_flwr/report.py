@@ -38,6 +38,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
         "alignment_vs_steps.png": _curve_plot(by_method, "gradient_steps", "gradient steps (all clients)"),
         "per_group.png": _group_plot(by_method),
     }
+    if any("epsilon" in e for run in runs for e in run["history"]):
+        figures["alignment_vs_epsilon.png"] = _privacy_plot(runs)
     for name, fig in figures.items():
         fig.savefig(out / name, dpi=120, bbox_inches="tight")
         plt.close(fig)
@@ -69,8 +71,26 @@ def _band(runs: list[dict], x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 
 
 def _baseline_lines(ax, baselines: dict) -> None:
-    for (name, value), style in zip(((n, b["alignment"]) for n, b in baselines.items()), (":", "--")):
+    for (name, value), style in zip(((n, b["alignment"]) for n, b in _available(baselines).items()), (":", "--")):
         ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"{name} baseline ({value:.3f})")
+
+
+def _privacy_plot(runs: list[dict]):
+    """Alignment against the privacy spent (epsilon at the run's delta), one line per DP run."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for run in runs:
+        points = [(e["epsilon"], e["alignment"]) for e in run["history"] if e.get("epsilon")]  # > 0: log axis
+        if points:
+            c = run["config"]
+            ax.plot(*zip(*points), marker="o", label=f"{run['method']} dp={c['dp']} noise={c['dp-noise']} "
+                                                      f"clip={c['dp-clip']} (seed {run['seed']})")
+    _baseline_lines(ax, runs[0]["baselines"])
+    ax.set_xscale("log")
+    ax.set_xlabel(f"epsilon spent (delta = {runs[0]['config']['dp-delta']:g})")
+    ax.set_ylabel("held-out alignment (1 − JS distance)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
 
 
 def _group_plot(by_method: dict[str, list[dict]]):
@@ -82,7 +102,7 @@ def _group_plot(by_method: dict[str, list[dict]]):
     xs = np.arange(len(groups))
     bars = [(f"{m} (final)", [np.mean([r["final"]["per_group"][g] for r in by_method[m]]) for g in groups])
             for m in methods]
-    bars += [(f"{name} baseline", [b["per_group"][g] for g in groups]) for name, b in first["baselines"].items()]
+    bars += [(f"{name} baseline", [b["per_group"][g] for g in groups]) for name, b in _available(first["baselines"]).items()]
     for i, (label, values) in enumerate(bars):
         ax.bar(xs + (i - len(bars) / 2 + 0.5) * width, values, width, label=label)
     ax.set_xticks(xs, groups, rotation=30, ha="right")
@@ -92,6 +112,11 @@ def _group_plot(by_method: dict[str, list[dict]]):
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return fig
+
+
+def _available(baselines: dict) -> dict:
+    """The baselines that could be computed (a deployment's server cannot compute train-mean)."""
+    return {name: b for name, b in baselines.items() if b["alignment"] is not None}
 
 
 def _fmt(value) -> str:
@@ -116,14 +141,15 @@ def _markdown(title: str, by_method: dict[str, list[dict]], figures: list[str]) 
             f"{_fmt(float(np.mean([f['fairness']['cov'] for f in final])))} | "
             f"{final[0]['fairness']['worst_group']} ({_fmt(final[0]['fairness']['worst'])}) |")
     for name, base in first["baselines"].items():
-        extra = f", coverage {base['coverage']:.0%}" if "coverage" in base else ""
+        extra = f", coverage {base['coverage']:.0%}" if base.get("coverage") is not None else ""
+        extra += f" (unavailable: {base['unavailable']})" if "unavailable" in base else ""
         lines.append(f"| {name} baseline{extra} | – | {_fmt(base['alignment'])} | – | – | – | – | – |")
     lines += ["", "## Per held-out group (final model; baselines for comparison)", "",
-              "| group | " + " | ".join(sorted(by_method)) + " | " + " | ".join(first["baselines"]) + " |",
-              "|---" * (1 + len(by_method) + len(first["baselines"])) + "|"]
+              "| group | " + " | ".join(sorted(by_method)) + " | " + " | ".join(_available(first["baselines"])) + " |",
+              "|---" * (1 + len(by_method) + len(_available(first["baselines"]))) + "|"]
     for group in first["eval_groups"]:
         cells = [_fmt(float(np.mean([r["final"]["per_group"][group] for r in by_method[m]]))) for m in sorted(by_method)]
-        cells += [_fmt(b["per_group"][group]) for b in first["baselines"].values()]
+        cells += [_fmt(b["per_group"][group]) for b in _available(first["baselines"]).values()]
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
     lines += [""] + [f"![{f}]({f})" for f in figures] + [""]
     return "\n".join(lines)

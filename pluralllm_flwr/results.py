@@ -2,7 +2,8 @@
 checkpoints of the best and the last model. Reports, benchmarks and the reproduction read only these.
 
 results.json = {"method", "dataset", "embedder", "seed", "config", "train_groups", "eval_groups",
-"baselines": {"uniform": {"alignment", "per_group"}, "train_mean": {..., "coverage"}},
+"baselines": {"uniform": {"alignment", "per_group"}, "train_mean": {..., "coverage"}} (train_mean is
+{"unavailable": reason} where the server holds no training group's answers, as in a deployment),
 "history": [{"round", "gradient_steps", "episodes", "wall_seconds", "alignment", "per_group",
 "fairness": {"jain", "cov", "worst", ...}, ...}], "best": <entry>, "final": <entry>}
 """
@@ -37,6 +38,39 @@ class ResultsWriter:
         self.results = {"method": method, "dataset": cfg.dataset, "embedder": cfg.embedder, "seed": cfg.seed,
                         "config": cfg.to_mapping(), "train_groups": train_groups, "eval_groups": eval_groups,
                         "baselines": baselines, "history": [], "best": None, "final": None}
+
+    @classmethod
+    def resume(cls, out_dir: str | Path, cfg: RunConfig) -> tuple["ResultsWriter", dict[str, torch.Tensor], int]:
+        """Continue a stopped run: its results up to the last checkpoint, that checkpoint's weights and
+        round. The run's configuration must be the same but for the number of rounds."""
+        out = Path(out_dir).resolve()
+        try:
+            results = load_results(out)
+            state, meta = load_checkpoint(out / LAST_CHECKPOINT)
+        except (OSError, ValueError) as exc:  # missing, unreadable or corrupt files
+            raise ValueError(f"cannot resume from {out}: {exc}") from None
+        ignore = {"num-server-rounds", "resume"}
+        before = {k: v for k, v in results["config"].items() if k not in ignore}
+        now = {k: v for k, v in cfg.to_mapping().items() if k not in ignore}
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if changed:
+            raise ValueError(f"cannot resume {out}: run-config differs from the stopped run in {changed}")
+        if "round" not in meta:
+            raise ValueError(f"cannot resume from {out / LAST_CHECKPOINT}: it records no round")
+        round_ = int(meta["round"])
+        if round_ >= cfg.num_server_rounds:
+            raise ValueError(f"{out} already reached round {round_}; raise num-server-rounds to continue it")
+        writer = cls.__new__(cls)
+        writer.out_dir, writer.checkpoint_metadata = out, {k: v for k, v in meta.items() if k not in ("round", "alignment")}
+        writer.results = {**results, "config": cfg.to_mapping(),
+                          "history": [e for e in results["history"] if e["round"] <= round_]}
+        history = writer.history
+        if not history or history[-1]["round"] != round_:
+            raise ValueError(f"cannot resume {out}: results.json has no evaluation at the checkpoint's round {round_}")
+        writer.results["final"] = history[-1]
+        writer.results["best"] = max(history, key=lambda e: (not math.isnan(e["alignment"]), e["alignment"]))
+        writer.started = time.perf_counter() - history[-1]["wall_seconds"]  # wall time continues
+        return writer, state, round_
 
     @property
     def history(self) -> list[dict]:
@@ -113,9 +147,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("pluralllm", "{}"))
-    return load_file(str(path)), meta
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("pluralllm", "{}"))
+        return load_file(str(path)), meta
+    except Exception as exc:  # safetensors raises its own error type for damaged files
+        raise ValueError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
 
 
 def _better(a: float, b: float) -> bool:

@@ -5,9 +5,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
-from .experiment import prepare_experiment, resolve_device
+from .experiment import baseline_summary, prepare_experiment, resolve_device
 from .results import ResultsWriter, out_dir_for
-from .strategies import build_strategy
+from .strategies import build_strategy, with_privacy
 
 app = ServerApp()
 
@@ -20,18 +20,24 @@ def main(grid: Grid, context: Context) -> None:
     print(f"PluralLLM {cfg.strategy}: {len(exp.split.train)} training groups, {len(exp.split.eval)} held-out "
           f"groups, {len(exp.data.questions)} questions, embedder {cfg.embedder} ({exp.table.dim}-d); "
           f"results in {out_dir}", flush=True)
-    writer = ResultsWriter(out_dir, cfg.strategy, cfg, exp.split.train, exp.split.eval, exp.baselines(),
-                           checkpoint_metadata=exp.checkpoint_metadata())
+    if cfg.resume:  # continue from the last checkpoint with the run's own round numbers
+        writer, state, start_round = ResultsWriter.resume(out_dir, cfg)
+        print(f"resuming from round {start_round} of {out_dir}", flush=True)
+    else:
+        writer, state, start_round = ResultsWriter(out_dir, cfg.strategy, cfg, exp.split.train, exp.split.eval,
+                                                   exp.baselines(), exp.checkpoint_metadata()), None, 0
     base = writer.results["baselines"]
-    print(f"baselines on the held-out groups: uniform {base['uniform']['alignment']:.4f}, train-mean "
-          f"{base['train_mean']['alignment']:.4f} (coverage {base['train_mean']['coverage']:.0%})", flush=True)
+    print(f"baselines on the held-out groups: {baseline_summary(base)}", flush=True)
     strategy = build_strategy(cfg)
-    strategy.setup(cfg, exp, writer, resolve_device(cfg.device))
+    strategy.setup(cfg, exp, writer, resolve_device(cfg.device), resumed_from=start_round)
+    if state is not None:
+        strategy.model.load_state_dict(state)
     strategy.discover_hosts(grid, wait=cfg.round_timeout)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(strategy.model.state_dict()),
-                   num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-                   train_config=ConfigRecord({"lr": cfg.lr, "local-steps": cfg.local_steps}),
-                   evaluate_fn=strategy.evaluate_heldout)
+    runner = with_privacy(cfg, strategy, len(exp.split.train))
+    runner.start(grid=grid, initial_arrays=ArrayRecord(strategy.model.state_dict()),
+                 num_rounds=cfg.num_server_rounds - start_round, timeout=cfg.round_timeout,
+                 train_config=ConfigRecord({"lr": cfg.lr, "local-steps": cfg.local_steps}),
+                 evaluate_fn=strategy.evaluate_heldout)
     final, best = writer.results["final"], writer.results["best"]
     print(f"done: final alignment {final['alignment']:.4f} (round {final['round']}), best {best['alignment']:.4f} "
           f"(round {best['round']}); results in {out_dir}", flush=True)

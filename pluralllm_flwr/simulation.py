@@ -4,7 +4,8 @@ flwr 1.42's `flwr run --stream` exits 0 even when the run failed, leaves the loc
 started running, reuses any SuperLink already on its port, and (by default) would `uv sync` the
 project's dependencies into a fresh venv. This wrapper runs each simulation hermetically — its own
 FLWR_HOME and ports, runtime dependency installation off — streams the log, reads the run's final
-status, and always stops the SuperLink it started.
+status, and always stops the SuperLink it started. `deploy.py` runs real deployments with the same
+helpers (`flwr_env`, `run_and_check`, `free_port`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -24,10 +26,11 @@ import torch
 from .config import RunConfig
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml beside the package
+FLWR = Path(sys.executable).with_name("flwr")  # the venv's Flower CLI
 
 
-class SimulationError(RuntimeError):
-    """The run did not finish as completed; the message holds Flower's status details."""
+class FlowerRunError(RuntimeError):
+    """A Flower run did not finish as completed; the message holds Flower's status details."""
 
 
 def run_config_toml(values: dict) -> str:
@@ -47,41 +50,67 @@ def simulate(cfg: RunConfig, num_supernodes: int, *, timeout: float | None = Non
              echo=print) -> dict:
     """Run the Flower app in Ray simulation with `num_supernodes` virtual SuperNodes.
 
-    Returns {"run_id", "status", "out_dir"}; raises SimulationError when the run did not complete."""
-    flwr = Path(sys.executable).with_name("flwr")
+    Returns {"run_id", "status", "out_dir"}; raises FlowerRunError when the run did not complete."""
     home = Path(tempfile.mkdtemp(prefix="pluralllm-flwr-"))
     overrides = home / "run-config.toml"
     overrides.write_text(run_config_toml(cfg.to_mapping()))
     resources = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
     if torch.cuda.is_available():
         resources += f" client-resources-num-gpus={1 / min(num_supernodes, 4)}"
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()), "PYTHONUNBUFFERED": "1",
-           "PATH": f"{flwr.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # flwr starts flower-superlink by name
-    command = [str(flwr), "run", str(app_dir), "--run-config", str(overrides),
-               "--federation-config", resources, "--stream"]
+    env = flwr_env(home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+                   FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    command = [str(FLWR), "run", str(app_dir), "--run-config", str(overrides), "--federation-config", resources,
+               "--stream"]
     try:
-        with subprocess.Popen(command, env=env, cwd=app_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, bufsize=1) as proc:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            for line in proc.stdout:
-                echo(line.rstrip("\n"))
-                if deadline is not None and time.monotonic() > deadline:
-                    proc.terminate()
-                    raise SimulationError(f"simulation exceeded its {timeout:.0f} s time limit and was stopped")
-        run = _last_run(flwr, env, app_dir)
-        if run is None:
-            raise SimulationError(f"`flwr run` exited with code {proc.returncode} and no run was recorded")
-        if run["status"] != "finished:completed":
-            raise SimulationError(f"run {run['run-id']} ended as {run['status']}: {run.get('status-details', '')}")
+        run = run_and_check(command, env, app_dir, timeout, echo)
         return {"run_id": run["run-id"], "status": run["status"], "out_dir": cfg.out_dir}
     finally:
         _stop_superlink(home)
 
 
-def _last_run(flwr: Path, env: dict, app_dir: Path) -> dict | None:
-    out = subprocess.run([str(flwr), "ls", "--format", "json"], env=env, cwd=app_dir, capture_output=True,
+def flwr_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a hermetic Flower command: its own FLWR_HOME, no runtime `uv sync`,
+    unbuffered output, and the venv's bin first on PATH (Flower starts its executables by name)."""
+    return {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PYTHONUNBUFFERED": "1", "PATH": f"{FLWR.parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
+def run_and_check(command: list[str], env: dict, app_dir: Path, timeout: float | None, echo) -> dict:
+    """Run `flwr run ... --stream`, echo its log, stop it after `timeout` seconds, then read the run's
+    final status from the SuperLink (`--stream` exits 0 even for failed runs). Returns the run's
+    `flwr ls` entry; raises FlowerRunError unless it finished as completed."""
+    with subprocess.Popen(command, env=env, cwd=app_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as proc:
+        expired = threading.Event()
+
+        def stop() -> None:
+            expired.set()
+            proc.terminate()
+        timer = threading.Timer(timeout, stop) if timeout is not None else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        try:
+            for line in proc.stdout:
+                echo(line.rstrip("\n"))
+        except BaseException:  # interrupted: do not leave `flwr run` streaming on its own
+            proc.terminate()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+    if expired.is_set():
+        raise FlowerRunError(f"the run exceeded its {timeout:.0f} s time limit and was stopped")
+    run = _last_run(env, app_dir)
+    if run is None:
+        raise FlowerRunError(f"`flwr run` exited with code {proc.returncode} and no run was recorded")
+    if run["status"] != "finished:completed":
+        raise FlowerRunError(f"run {run['run-id']} ended as {run['status']}: {run.get('status-details', '')}")
+    return run
+
+
+def _last_run(env: dict, app_dir: Path) -> dict | None:
+    out = subprocess.run([str(FLWR), "ls", "--format", "json"], env=env, cwd=app_dir, capture_output=True,
                          text=True, timeout=120)
     try:
         runs = json.loads(out.stdout).get("runs", [])
@@ -115,7 +144,8 @@ def _signal(pid: int, sig: int) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -17,8 +17,10 @@ from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx
+from flwr.serverapp import GaussianPrivacyEvent, Grid, NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
+                                     DifferentialPrivacyServerSideFixedClipping, FedAvg, FedMedian, FedProx, Strategy)
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant  # flwr's RDP accountant (dp-accounting)
 
 from .config import RunConfig
 from .data import seeded_rng
@@ -39,13 +41,21 @@ class PluralMixin:
     """Per-group addressing, periodic held-out evaluation and results, on top of a Flower strategy."""
 
     def setup(self, cfg: RunConfig, exp: Experiment, writer: ResultsWriter, device: str,
-              seconds_per_query: float = 30.0) -> None:
+              seconds_per_query: float = 30.0, resumed_from: int = 0) -> None:
+        """`resumed_from`: the round of the checkpoint a resumed run starts from (Flower counts its
+        rounds from 1 again; every round number here is the run's own)."""
         self.cfg, self.exp, self.writer, self.device = cfg, exp, writer, device
+        self.round_offset = resumed_from
+        last = writer.history[-1] if resumed_from else {}
+        self.fewer_before = list(last.get("rounds_with_fewer_clients", []))
         self.model = exp.build_model().to(device)
         self.query_timeout = seconds_per_query
         self.hosts: dict[str, int] = {}       # group -> node id hosting it
         self.asked: set[int] = set()          # nodes already asked which groups they host
-        self.gradient_steps = 0
+        self.gradient_steps = last.get("gradient_steps", 0)
+        self.accountant = privacy_accountant(cfg, len(exp.split.train))
+        if self.accountant is not None and last.get("dp_releases"):
+            self.accountant.compose(self._privacy_event(len(exp.split.train)), count=last["dp_releases"])
         self.rounds: dict[int, dict] = {}     # server round -> {"clients", "failures", "missing", "train_loss"}
         self.client_eval: dict[int, float] = {}
         self.sent: list[tuple[Message, str]] = []  # this round's messages and the group of each
@@ -59,7 +69,8 @@ class PluralMixin:
         deadline = time.monotonic() + wait
         while True:
             nodes = set(grid.get_node_ids())
-            self.hosts = {g: n for g, n in self.hosts.items() if n in nodes}  # forget departed nodes
+            self.hosts = {g: n for g, n in self.hosts.items() if n in nodes}  # forget departed nodes, and ask
+            self.asked &= nodes  # again one that returns with its old id (SuperNode authentication keeps it)
             new = sorted(nodes - self.asked)
             if new:
                 self._ask(grid, new)
@@ -98,7 +109,6 @@ class PluralMixin:
         messages = list(messages)
         if not messages:
             return []
-        self.discover_hosts(grid, wait=self.cfg.round_timeout)
         hosted = [g for g in self.exp.split.train if g in self.hosts]
         n = max(1, math.ceil(fraction * len(hosted)))
         rng = seeded_rng(self.cfg.seed, "sample", server_round)
@@ -106,7 +116,7 @@ class PluralMixin:
         content = messages[0].content
         out = []
         for group in groups:
-            config = ConfigRecord({**content["config"], "group": group})
+            config = ConfigRecord({**content["config"], "group": group, "server-round": server_round})
             records = {k: v for k, v in content.items() if k != "config"}
             out.append(Message(RecordDict({**records, "config": config}), dst_node_id=self.hosts[group],
                                message_type=messages[0].metadata.message_type))
@@ -122,38 +132,49 @@ class PluralMixin:
         pairs = [(group_of.get(r.metadata.reply_to_message_id), r) for r in replies]
         return sorted(pairs, key=lambda p: (order.get(p[0], len(order)), p[1].metadata.src_node_id))
 
+    # Flower passes its own round numbers (1.. again after a resume); the methods below use the run's.
+    # Hosts are found first, within round-timeout: Flower's own sampling would wait forever for nodes.
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        return self._per_group(super().configure_train(server_round, arrays, config, grid), server_round, grid,
-                               self.cfg.fraction_train)
+        self.discover_hosts(grid, wait=self.cfg.round_timeout)
+        messages = super().configure_train(server_round, arrays, config, grid)
+        return self._per_group(messages, server_round + self.round_offset, grid, self.cfg.fraction_train)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        if not self.is_eval_round(server_round) or self.cfg.heldback_fraction == 0:
+        run_round = server_round + self.round_offset
+        if not self.is_eval_round(run_round) or self.cfg.heldback_fraction == 0:
             return []
-        return self._per_group(super().configure_evaluate(server_round, arrays, config, grid), server_round, grid, 1.0)
+        self.discover_hosts(grid, wait=self.cfg.round_timeout)
+        return self._per_group(super().configure_evaluate(server_round, arrays, config, grid), run_round, grid, 1.0)
 
     # ----------------------------------------------------------------- aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        run_round = server_round + self.round_offset
         pairs = self._by_group(list(replies))
         ok = [r for _, r in pairs if not r.has_error()]
         replies = [r for _, r in pairs]
-        info = self.rounds.setdefault(server_round, {})
+        info = self.rounds.setdefault(run_round, {})
         info.update(clients=len(ok), failures=len(replies) - len(ok),
                     failed_groups=[g for g, r in pairs if r.has_error() and g is not None])
         if not ok:
             reasons = sorted({r.error.reason.strip().splitlines()[-1] for r in replies if r.has_error()})
-            raise NoClientsError(f"round {server_round}: no client succeeded ({len(replies)} replies); "
+            raise NoClientsError(f"round {run_round}: no client succeeded ({len(replies)} replies); "
                                  f"errors: {reasons or ['no reply within round-timeout']}")
         self.gradient_steps += sum(int(r.content["metrics"]["local-steps"]) for r in ok)
         arrays, metrics = super().aggregate_train(server_round, ok)
         if metrics is not None:
             info["train_loss"] = float(metrics["train-loss"])
+        if arrays is not None and self.accountant is not None:  # the DP wrapper adds noise to these arrays
+            self.accountant.compose(self._privacy_event(len(ok)))
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         metrics = super().aggregate_evaluate(server_round, [r for _, r in self._by_group(list(replies))])
         if metrics is not None:
-            self.client_eval[server_round] = float(metrics["heldback-alignment"])
+            self.client_eval[server_round + self.round_offset] = float(metrics["heldback-alignment"])
         return metrics
+
+    def _privacy_event(self, clients: int) -> GaussianPrivacyEvent:
+        return GaussianPrivacyEvent(self.cfg.dp_noise, clients, len(self.exp.split.train))
 
     # ----------------------------------------------------------------- held-out evaluation
     def is_eval_round(self, server_round: int) -> bool:
@@ -162,6 +183,9 @@ class PluralMixin:
     def evaluate_heldout(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """`evaluate_fn` of Strategy.start: the global model on the held-out groups, every
         eval-every rounds, at round 0 and at the last round; recorded in results.json."""
+        if server_round == 0 and self.round_offset:
+            return None  # a resumed run's starting point was evaluated before it stopped
+        server_round += self.round_offset
         if not self.is_eval_round(server_round):
             return None
         self.model.load_state_dict(arrays.to_torch_state_dict())
@@ -172,13 +196,18 @@ class PluralMixin:
                  "clients_expected": n_train, "client_failures": info.get("failures", 0),
                  "heldback_alignment": self.client_eval.get(server_round),
                  **self.exp.evaluate(self.model, self.device)}
-        entry["rounds_with_fewer_clients"] = sorted(r for r, i in self.rounds.items()
-                                                    if r <= server_round and i.get("clients", n_train) < math.ceil(self.cfg.fraction_train * n_train))
+        expected = math.ceil(self.cfg.fraction_train * n_train)
+        entry["rounds_with_fewer_clients"] = self.fewer_before + sorted(
+            r for r, i in self.rounds.items() if r <= server_round and i.get("clients", n_train) < expected)
+        if self.accountant is not None:
+            spent = self.accountant.get_privacy_spent()
+            entry.update(epsilon=spent.epsilon, dp_delta=spent.delta, dp_releases=spent.num_releases)
         self.writer.record(entry, self.model.state_dict())
         fair = entry["fairness"]
+        privacy = f" | epsilon {entry['epsilon']:.2f}" if "epsilon" in entry else ""
         print(f"[round {server_round:>4}] held-out alignment {entry['alignment']:.4f} | jain {fair['jain']:.4f} "
               f"| worst {fair['worst']:.4f} ({fair['worst_group']}) | loss "
-              f"{'-' if entry['train_loss'] is None else format(entry['train_loss'], '.4f')} | "
+              f"{'-' if entry['train_loss'] is None else format(entry['train_loss'], '.4f')}{privacy} | "
               f"{time.perf_counter() - self.started:.0f}s", flush=True)
         return MetricRecord({"alignment": entry["alignment"], "jain": fair["jain"], "worst": fair["worst"]})
 
@@ -206,3 +235,24 @@ def build_strategy(cfg: RunConfig) -> PluralMixin:
     if cfg.strategy == "fedprox":
         kwargs["proximal_mu"] = cfg.proximal_mu
     return STRATEGIES[cfg.strategy](**kwargs)
+
+
+def with_privacy(cfg: RunConfig, strategy: PluralMixin, num_clients: int) -> Strategy:
+    """Flower's central-DP wrapper for run-config `dp` (or the strategy itself for "none"): each
+    client's update is clipped to dp-clip (on the client by `fixedclipping_mod`, or on the server),
+    and Gaussian noise of std dp-noise·dp-clip/clients is added to the average."""
+    if cfg.dp == "none":
+        return strategy
+    wrapper = (DifferentialPrivacyClientSideFixedClipping if cfg.dp == "client"
+               else DifferentialPrivacyServerSideFixedClipping)
+    return wrapper(strategy, noise_multiplier=cfg.dp_noise, clipping_norm=cfg.dp_clip, num_sampled_clients=num_clients)
+
+
+def privacy_accountant(cfg: RunConfig, num_clients: int) -> RdpAccountant | None:
+    """Rényi-DP accounting of the rounds' Gaussian releases (every client takes part each round, so
+    no sampling amplification is claimed); epsilon is reported at dp-delta."""
+    if cfg.dp == "none":
+        return None
+    return RdpAccountant(PrivacyConfig(target_delta=cfg.dp_delta, population_size=num_clients,
+                                       neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                       sampling_method=SamplingMethod.NO_AMPLIFICATION))

@@ -34,3 +34,9 @@ def test_from_mapping_round_trip_and_int_for_float():
 def test_bad_values_give_one_clear_message(values, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_mapping(values)
+
+
+def test_group_lists_split_on_semicolons_when_names_have_commas():
+    assert RunConfig(train_groups="A, B").group_list("train_groups") == ["A", "B"]
+    assert RunConfig(train_groups="$100,000 or more; Female").group_list("train_groups") == ["$100,000 or more", "Female"]
+    assert RunConfig(eval_groups="auto").group_list("eval_groups") == "auto"

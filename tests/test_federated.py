@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
@@ -87,15 +86,6 @@ def test_client_replies_carry_only_arrays_and_scalar_metrics(tiny_config):
     _, evaluated = call_client(client_app.evaluate, cfg, exp, "G1", {})
     assert set(evaluated.content.keys()) == {"metrics"}
     assert 0 < evaluated.content["metrics"]["heldback-alignment"] <= 1
-
-
-def test_client_refuses_a_group_it_does_not_host(tiny_config):
-    cfg = tiny_config()
-    exp = prepare_experiment(cfg, progress=False)
-    with pytest.raises(ValueError, match=r"this node hosts \['G0'\], not 'G1'"):
-        call_client(client_app.train, cfg, exp, "G1", {}, node_config={"group": "G0"})
-    with pytest.raises(ValueError, match="not a training group"):
-        call_client(client_app.train, cfg, exp, "G2", {}, node_config={"group": "G2"})
 
 
 @pytest.mark.slow
