@@ -324,6 +324,12 @@ def load_dataset(cfg: RunConfig) -> PreferenceData:
     return load_opinionqa(cfg.data_path)
 
 
+def default_split(dataset: str) -> GroupSplit:
+    """The dataset's documented default split (PluralLLM's countries; our OpinionQA groups)."""
+    return (GroupSplit(GOQA_TRAIN, GOQA_EVAL) if dataset == "globalopinionqa"
+            else GroupSplit(OPINIONQA_TRAIN, OPINIONQA_EVAL))
+
+
 def split_groups(data: PreferenceData, cfg: RunConfig) -> GroupSplit:
     """The training and held-out groups: the dataset's default split, named lists, or "auto"."""
     train, held = cfg.group_list("train_groups"), cfg.group_list("eval_groups")
@@ -331,9 +337,8 @@ def split_groups(data: PreferenceData, cfg: RunConfig) -> GroupSplit:
         if train != held:
             raise DataError("run-config: 'auto' must be given for both train-groups and eval-groups")
         return _auto_split(data, cfg)
-    default_train, default_eval = ((GOQA_TRAIN, GOQA_EVAL) if data.dataset == "globalopinionqa"
-                                   else (OPINIONQA_TRAIN, OPINIONQA_EVAL))
-    split = GroupSplit(train or default_train, held or default_eval)
+    default = default_split(data.dataset)
+    split = GroupSplit(train or default.train, held or default.eval)
     for key, names in (("train-groups", split.train), ("eval-groups", split.eval)):
         unknown = [g for g in names if g not in data.answers]
         if unknown:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -33,6 +33,7 @@ class Experiment:
     split: D.GroupSplit
     table: EmbeddingTable
     embed_info: dict
+    _vectors: dict = field(default_factory=dict, init=False, repr=False)
 
     def question_ids(self, group: str, part: str = "all") -> list[int]:
         """A group's questions: "all", or for a training group its "train" or "heldback" part."""
@@ -43,7 +44,10 @@ class Experiment:
         return train if part == "train" else back
 
     def vectors(self, group: str, part: str = "all") -> GroupVectors:
-        return group_vectors(self.data, self.table, group, self.question_ids(group, part))
+        """Built once per (group, part): a client process asks for the same vectors every round."""
+        if (group, part) not in self._vectors:
+            self._vectors[group, part] = group_vectors(self.data, self.table, group, self.question_ids(group, part))
+        return self._vectors[group, part]
 
     @cached_property
     def eval_vectors(self) -> dict[str, GroupVectors]:
@@ -202,7 +206,7 @@ def _deployment_split(cfg: RunConfig, bundles: list[Bundle]) -> D.GroupSplit:
         raise ConfigError("run-config train-groups/eval-groups 'auto' needs the whole dataset; with eval-bundles "
                           "name the groups, e.g. train-groups='A,B,C'")
     if train == "":
-        train = D.GOQA_TRAIN if cfg.dataset == "globalopinionqa" else D.OPINIONQA_TRAIN
+        train = D.default_split(cfg.dataset).train
     held = [b.group for b in bundles]
     if named_eval and sorted(named_eval) != sorted(held):
         raise ConfigError(f"run-config eval-groups {named_eval} differ from the groups of eval-bundles {held}")

@@ -30,9 +30,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
                              f"{run_dirs[0]} ({runs[0]['dataset']}, {runs[0]['eval_groups']}); report comparable runs together")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    by_method: dict[str, list[dict]] = defaultdict(list)
+    by_method: dict[str, list[dict]] = defaultdict(list)  # one line (and band over seeds) per setting
     for run in runs:
-        by_method[run["method"]].append(run)
+        by_method[_setting(run, runs)].append(run)
     figures = {
         "alignment_vs_rounds.png": _curve_plot(by_method, "round", "round (federated) / epoch (centralized)"),
         "alignment_vs_steps.png": _curve_plot(by_method, "gradient_steps", "gradient steps (all clients)"),
@@ -46,6 +46,18 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     report = out / "report.md"
     report.write_text(_markdown(title, by_method, list(figures)))
     return report
+
+
+# Settings that tell runs apart without changing what is compared (seeds make the bands).
+_NOT_A_SETTING = {"seed", "out-dir", "resume", "cache-dir", "data-path", "num-server-rounds", "eval-bundles"}
+
+
+def _setting(run: dict, runs: list[dict]) -> str:
+    """The run's method plus every run-config value that differs between the runs of that method."""
+    same_method = [r for r in runs if r["method"] == run["method"]]
+    varying = sorted(k for k in run["config"] if k not in _NOT_A_SETTING
+                     and len({str(r["config"].get(k)) for r in same_method}) > 1)
+    return " ".join([run["method"], *(f"{k}={run['config'][k]}" for k in varying)])
 
 
 def _curve_plot(by_method: dict[str, list[dict]], x: str, xlabel: str):
