@@ -22,6 +22,7 @@ from .config import ConfigError, RunConfig
 from .data import GroupSplit, seeded_rng
 from .experiment import Experiment, bundle_experiment, prepare_experiment, resolve_device
 from .strategies import HOSTS_QUERY, UNIT_WEIGHT
+from .model import GPOPredictor
 from .training import predict, train_steps
 from .metrics import alignment, mean_excluding_nan
 
@@ -62,11 +63,17 @@ def _setup(context: Context) -> tuple[RunConfig, Experiment, list[str]]:
     return cfg, exp, exp.split.train[pid::n]
 
 
-def _group_of(msg: Message, hosted: list[str]) -> str:
+def _receive(msg: Message, context: Context) -> tuple[RunConfig, Experiment, str, GPOPredictor, str]:
+    """What a train or evaluate message needs: the run, the message's group (which this node must
+    host) and the global model on the device."""
+    cfg, exp, hosted = _setup(context)
     group = str(msg.content["config"]["group"])
     if group not in hosted:
         raise ValueError(f"this node hosts {hosted}, not {group!r}")
-    return group
+    device = resolve_device(cfg.device)
+    model = exp.build_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return cfg, exp, group, model.to(device), device
 
 
 @app.query(HOSTS_QUERY)
@@ -85,13 +92,8 @@ def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
 
 @app.train(mods=[clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
-    cfg, exp, hosted = _setup(context)
-    group = _group_of(msg, hosted)
+    cfg, exp, group, model, device = _receive(msg, context)
     config = msg.content["config"]
-    device = resolve_device(cfg.device)
-    model = exp.build_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    model.to(device)
     mu = float(config.get("proximal-mu", 0.0))  # present under FedProx only
     anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
@@ -107,12 +109,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The group's alignment on its own held-back questions, with context from its training part."""
-    cfg, exp, hosted = _setup(context)
-    group = _group_of(msg, hosted)
-    device = resolve_device(cfg.device)
-    model = exp.build_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    model.to(device)
+    cfg, exp, group, model, device = _receive(msg, context)
     train_part, heldback = exp.vectors(group, "train"), exp.vectors(group, "heldback")
     rng = seeded_rng(cfg.seed, "client-eval", group)
     context_ids = rng.choice(train_part.num_questions, size=min(cfg.eval_context, train_part.num_questions), replace=False)
