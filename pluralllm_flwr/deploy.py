@@ -14,10 +14,8 @@ import ipaddress
 import json
 import math
 import shutil
-import signal
 import subprocess
 import tempfile
-import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -27,7 +25,7 @@ import psutil
 from .bundle import safe_name, write_bundles
 from .config import ConfigError, RunConfig
 from .experiment import prepare_experiment
-from .simulation import APP_DIR, FLWR, flwr_env, free_port, run_and_check, run_config_toml
+from .simulation import APP_DIR, FLWR, flwr_env, free_port, run_and_check, run_config_toml, sigterm_as_interrupt
 
 LOOPBACK = "127.0.0.1"
 CONNECTION = "pluralllm-local"  # the SuperLink connection name in the CLI's config.toml
@@ -127,19 +125,17 @@ class LocalDeployment:
         connection.update({"insecure": True} if insecure else {"root-certificates": str(self.certs["ca"])})
         (self.cli_home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                                                    + run_config_toml(connection))
-        self._previous_handler = None
+        self._sigterm = sigterm_as_interrupt()
 
     def __enter__(self) -> "LocalDeployment":
-        if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+        self._sigterm.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         try:
             self.stop()
         finally:
-            if self._previous_handler is not None:
-                signal.signal(signal.SIGTERM, self._previous_handler)
+            self._sigterm.__exit__(None, None, None)
 
     # ------------------------------------------------------------------ processes
     def start_superlink(self) -> None:
@@ -231,9 +227,6 @@ class LocalDeployment:
         path = self.log_file(name)
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else "(no log)"
 
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def deploy_local(cfg: RunConfig, groups: int, *, insecure: bool = False, timeout: float | None = None,

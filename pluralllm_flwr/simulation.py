@@ -9,6 +9,7 @@ helpers (`flwr_env`, `run_and_check`, `free_port`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -62,10 +63,30 @@ def simulate(cfg: RunConfig, num_supernodes: int, *, timeout: float | None = Non
     command = [str(FLWR), "run", str(app_dir), "--run-config", str(overrides), "--federation-config", resources,
                "--stream"]
     try:
-        run = run_and_check(command, env, app_dir, timeout, echo)
+        with sigterm_as_interrupt():
+            run = run_and_check(command, env, app_dir, timeout, echo)
         return {"run_id": run["run-id"], "status": run["status"], "out_dir": cfg.out_dir}
     finally:
         _stop_superlink(home)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside, SIGTERM raises KeyboardInterrupt as Ctrl-C does, so the callers' clean-up (stopping the
+    processes they started) runs when they are killed. Signal handlers can only be set on the main
+    thread; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def flwr_env(home: Path, **extra: str) -> dict[str, str]:

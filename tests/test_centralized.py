@@ -1,5 +1,4 @@
 """The centralized trainer, the results contract, checkpoints and the report."""
-import json
 
 import pytest
 
