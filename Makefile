@@ -6,7 +6,7 @@ DATASET ?= globalopinionqa
 DATA ?=
 ROUNDS ?= 200
 
-.PHONY: install demo data test gpu-check privacy deploy certs bench clean
+.PHONY: install demo data test reproduce gpu-check privacy deploy certs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The paper's comparison (FedAvg, FedProx, centralized) and its ablations on real data, then
+# docs/results.md and its figures. SCALE=smoke (minutes) | default (~1 hour per dataset on 2 cores) |
+# full (the paper's 1,000 rounds). Complete runs are reused: an interrupted reproduction continues.
+SCALE ?= default
+OPINIONQA ?= ../shared/data/opinionqa/human_resp
+GOQA ?=
+reproduce: install
+	$(VENV)/bin/pluralllm reproduce --scale $(SCALE) --dataset opinionqa=$(abspath $(OPINIONQA)) \
+	  --dataset globalopinionqa$(if $(GOQA),=$(abspath $(GOQA)))
 
 # On a machine with a CUDA GPU: the GPU tests and a short timing (skipped cleanly without one).
 gpu-check: install

@@ -1,8 +1,9 @@
 """The centralized baseline: the same predictor trained on the pooled training groups.
 
 As in the authors' code, one epoch is ONE gradient step on a batch holding an episode of every
-training group. `compute_matched` instead takes as many gradient steps as a federated run of
-num-server-rounds x local-steps x clients, so the two can be compared at equal optimizer steps.
+training group; a federated round holds local-steps episodes of every group, so it does local-steps
+times the work of an epoch. `compute_matched` runs num-server-rounds x local-steps epochs: the same
+episodes (forward/backward work and data seen) as the federated run, evaluated at the same work.
 """
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ log = logging.getLogger(__name__)
 
 def train_centralized(cfg: RunConfig, exp: Experiment | None = None, *, compute_matched: bool = False,
                       progress: bool = True) -> ResultsWriter:
-    """Train and evaluate every `eval-every` epochs (scaled like the federated run when matched)."""
+    """Train and evaluate every `eval-every` epochs; when matched, also every `eval-every` rounds'
+    work, so the run holds the reference run (epochs = rounds) as its beginning. History rounds are
+    epochs in both cases."""
     exp = exp or prepare_experiment(cfg, progress)
     device = resolve_device(cfg.device)
     n_clients = len(exp.split.train)
-    scale = cfg.local_steps * n_clients if compute_matched else 1
+    scale = cfg.local_steps if compute_matched else 1
     total, every = cfg.num_server_rounds * scale, cfg.eval_every * scale
     method = "centralized-matched" if compute_matched else "centralized"
     model = exp.build_model().to(device)
@@ -47,7 +50,7 @@ def train_centralized(cfg: RunConfig, exp: Experiment | None = None, *, compute_
     bar = tqdm(range(1, total + 1), desc=method, unit="step", disable=not progress)
     for step in bar:
         losses += train_steps(model, optimizer, groups, 1, exp.sizes, rng, device)
-        if step % every == 0 or step == total:
+        if step % every == 0 or step == total or (step <= cfg.num_server_rounds and step % cfg.eval_every == 0):
             entry = evaluate(step, losses)
             bar.set_postfix(alignment=f"{entry['alignment']:.4f}", loss=f"{entry['train_loss']:.3f}")
             losses = []

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import data as D
-from .config import ConfigError, RunConfig
+from .config import DATASETS, ConfigError, RunConfig
 
 
 def _dataset_args(parser: argparse.ArgumentParser, with_json: bool = True) -> None:
@@ -77,7 +77,7 @@ def cmd_centralized(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .experiment import prepare_experiment
     from .results import load_results, out_dir_for
-    from .simulation import simulate
+    from .simulation import progress_only, simulate
 
     cfg = _run_config(args)
     cfg = cfg.replace(out_dir=str(out_dir_for(cfg, cfg.strategy)))  # absolute: the ServerApp runs elsewhere
@@ -85,7 +85,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     nodes = args.num_supernodes or len(exp.split.train)
     print(f"simulating {len(exp.split.train)} training groups on {nodes} virtual SuperNodes; results in {cfg.out_dir}",
           flush=True)
-    simulate(cfg, nodes, timeout=args.timeout, echo=_own_lines if args.quiet else print)
+    simulate(cfg, nodes, timeout=args.timeout, echo=progress_only if args.quiet else print)
     _print_outcome(load_results(cfg.out_dir), Path(cfg.out_dir))
     return 0
 
@@ -122,6 +122,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
     from .deploy import deploy_local, deployment_defaults
     from .results import load_results, out_dir_for
+    from .simulation import progress_only
 
     given = parse_config_args(args.run_config)
     cfg = RunConfig.from_mapping(given)
@@ -130,7 +131,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     print(f"deploying {args.groups} SuperNodes and a SuperLink on 127.0.0.1 ({'no TLS' if args.insecure else 'TLS'}); "
           f"results in {cfg.out_dir}", flush=True)
     outcome = deploy_local(cfg, args.groups, insecure=args.insecure, timeout=args.timeout,
-                           echo=_own_lines if args.quiet else print)
+                           echo=progress_only if args.quiet else print)
     _print_outcome(load_results(cfg.out_dir), Path(cfg.out_dir))
     print(f"logs of every process: {outcome['logs']}")
     return 0
@@ -146,12 +147,6 @@ def cmd_deploy_certs(args: argparse.Namespace) -> int:
           "--ssl-certfile, --ssl-keyfile, --ssl-ca-certfile <the CA>)")
     print(f"CA private key: {paths['ca_key'].resolve()}  (signs certificates: keep it off the machines)")
     return 0
-
-
-def _own_lines(line: str) -> None:
-    """--quiet: PluralLLM's own progress lines and errors, not Flower's INFO log."""
-    if line.startswith(("[round", "PluralLLM", "baselines", "done:")) or "ERROR" in line or "Error" in line:
-        print(line, flush=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -176,6 +171,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = args.out or args.runs[0]
     print(f"report: {write_report(args.runs, out)}")
     return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """The paper's comparison and the ablations (reproduce.py), then the report (reproduction_report.py)."""
+    from dataclasses import replace
+
+    from .reproduce import SCALES, load_manifest, reproduce
+    from .reproduction_report import write_reproduction_report
+
+    scale = SCALES[args.scale]
+    changes = {"rounds": args.rounds, "seeds": tuple(args.seeds) if args.seeds else None,
+               "embedders": tuple(args.embedders) if args.embedders else None}
+    scale = replace(scale, **{k: v for k, v in changes.items() if v})
+    out = Path(args.out or f"runs/reproduce/{scale.name}")
+    command = "pluralllm " + " ".join(sys.argv[1:]) if sys.argv[1:] else "pluralllm reproduce"
+    if args.report_only:
+        manifest = load_manifest(out)
+    else:
+        datasets = dict(_dataset_spec(s) for s in args.dataset or [])
+        if not datasets:
+            raise ConfigError("name the datasets: --dataset opinionqa=PATH/human_resp and/or --dataset globalopinionqa[=CSV]")
+        manifest = reproduce(datasets, scale, _run_config(args), out, echo=lambda line: print(line, flush=True))
+    report = args.report or (out / "results.md" if scale.name == "smoke" else "docs/results.md")
+    print(f"report: {write_reproduction_report(manifest, report, command)}")
+    return 0
+
+
+def _dataset_spec(text: str) -> tuple[str, str]:
+    name, _, path = text.partition("=")
+    if name not in DATASETS:
+        raise ConfigError(f"--dataset {text!r}: unknown dataset {name!r}; choose from {list(DATASETS)}")
+    return name, path
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -217,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("centralized", help="train the predictor centrally on the pooled training groups")
     _run_config_arg(p)
-    p.add_argument("--compute-matched", action="store_true", help="as many gradient steps as the federated run "
-                   "(num-server-rounds x local-steps x clients) instead of one step per epoch")
+    p.add_argument("--compute-matched", action="store_true", help="num-server-rounds x local-steps epochs: as many "
+                   "episodes (the same work) as the federated run, instead of num-server-rounds epochs")
     p.set_defaults(func=cmd_centralized)
 
     p = sub.add_parser("simulate", help="run the Flower app in simulation (flwr run, checked and cleaned up)")
@@ -257,6 +288,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=200, help="server rounds (200 take about 10 minutes on 2 CPU cores)")
     _run_config_arg(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("reproduce", help="the paper's comparison (FedAvg, FedProx, centralized) and ablations on "
+                       "real data, then docs/results.md with its figures")
+    p.add_argument("--dataset", action="append", metavar="NAME[=PATH]", help="opinionqa=<human_resp folder>, "
+                   "globalopinionqa (from the hub) or globalopinionqa=<global_opinions.csv>; repeatable")
+    p.add_argument("--scale", choices=["smoke", "default", "full"], default="default",
+                   help="smoke: minutes; default: under an hour per dataset on 2 CPU cores (40 rounds); full: the paper's")
+    p.add_argument("--rounds", type=int, default=0, help="federated rounds (overrides the scale's)")
+    p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (overrides the scale's)")
+    p.add_argument("--embedders", type=lambda t: t.split(","), default=None,
+                   help="comma-separated embedders of the embedder ablation (overrides the scale's)")
+    p.add_argument("--out", default="", help="run directories (default runs/reproduce/<scale>)")
+    p.add_argument("--report", default="", help="the report, its figures in a folder beside it (default "
+                   "docs/results.md; <out>/results.md for the smoke scale)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the runs in --out")
+    _run_config_arg(p)
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("score", help="predict groups' answer distributions with a trained checkpoint (reward model)")
     p.add_argument("--checkpoint", required=True, help="best.safetensors or last.safetensors of a run")

@@ -35,6 +35,7 @@ class RunConfig:
     auto_eval_fraction: float = 0.3   # "auto" split: seeded share of those groups held out
     common_questions: bool = True     # keep only questions every selected group answered (the authors' protocol)
     heldback_fraction: float = 0.2    # share of each training group's questions kept back for its own evaluation
+    max_questions: int = 0            # 0 = all; else a seeded random subset of this many questions (quick runs)
     eval_bundles: str = ""            # deployment server: comma-separated absolute paths of the held-out groups' bundles
     # embeddings
     embedder: str = "minilm"
@@ -91,6 +92,8 @@ class RunConfig:
                 raise ConfigError(f"run-config '{_kebab(key)}' must be positive, got {getattr(self, key)}")
         if self.proximal_mu < 0:
             raise ConfigError(f"run-config 'proximal-mu' must be >= 0, got {self.proximal_mu}")
+        if self.max_questions < 0:
+            raise ConfigError(f"run-config 'max-questions' must be >= 0 (0 = all), got {self.max_questions}")
         if self.min_train_nodes < 0:
             raise ConfigError(f"run-config 'min-train-nodes' must be >= 0, got {self.min_train_nodes}")
         for key in ("auto_eval_fraction", "fraction_train"):

@@ -363,8 +363,9 @@ def _auto_split(data: PreferenceData, cfg: RunConfig) -> GroupSplit:
                       eval=[eligible[i] for i in sorted(order[:n_eval])])
 
 
-def restrict(data: PreferenceData, groups: list[str], common_questions: bool) -> PreferenceData:
-    """Only these groups; with `common_questions`, only questions every one of them answered.
+def restrict(data: PreferenceData, groups: list[str], common_questions: bool, max_questions: int = 0) -> PreferenceData:
+    """Only these groups; with `common_questions`, only questions every one of them answered; with
+    `max_questions`, a random subset of that many (the same for every seed: seeds vary training only).
 
     Questions are renumbered; what is removed is counted in `dropped`."""
     dropped = Counter(data.dropped)
@@ -375,6 +376,9 @@ def restrict(data: PreferenceData, groups: list[str], common_questions: bool) ->
     if not keep:
         raise DataError(f"{data.dataset}: no question is answered by every selected group {groups}; "
                         "set run-config common-questions=false or choose other groups")
+    if 0 < max_questions < len(keep):
+        dropped["question outside the max-questions subset"] += len(keep) - max_questions
+        keep = sorted(np.random.default_rng(0).choice(keep, max_questions, replace=False).tolist())
     new_id = {old: new for new, old in enumerate(keep)}
     answers = {g: {new_id[q]: d for q, d in data.answers[g].items() if q in new_id} for g in groups}
     return PreferenceData(data.dataset, [data.questions[q] for q in keep], answers, dict(dropped))
@@ -399,7 +403,7 @@ def prepare(cfg: RunConfig, data: PreferenceData | None = None) -> tuple[Prefere
     """Load, split and restrict the data for a run, and check each group can serve its role."""
     data = data if data is not None else load_dataset(cfg)
     split = split_groups(data, cfg)
-    data = restrict(data, split.train + split.eval, cfg.common_questions)
+    data = restrict(data, split.train + split.eval, cfg.common_questions, cfg.max_questions)
     for group in split.eval:
         n = len(data.answers[group])
         if n <= cfg.eval_context:

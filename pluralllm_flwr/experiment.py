@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -89,7 +90,9 @@ class Experiment:
 
     def evaluate(self, model: GPOPredictor, device: str) -> dict:
         """Few-shot evaluation on every held-out group: pooled score over all (group, question)
-        pairs, per-group scores and fairness across groups (a history entry, minus round/steps)."""
+        pairs, per-group scores and fairness across groups (a history entry, minus round/steps).
+        `eval_seconds` lets the results tell training time from evaluation time."""
+        started = time.perf_counter()
         entry: dict = {}
         for name, metric in self.metrics.items():
             per_group, pooled, nan_excluded = {}, [], 0
@@ -105,6 +108,7 @@ class Experiment:
             entry[prefix + "per_group"] = per_group
             entry[prefix + "fairness"] = fairness(per_group)
             entry[prefix + "nan_excluded"] = nan_excluded
+        entry["eval_seconds"] = round(time.perf_counter() - started, 3)
         return entry
 
     def baselines(self) -> dict:

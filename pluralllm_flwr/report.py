@@ -34,9 +34,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     for run in runs:
         by_method[_setting(run, runs)].append(run)
     figures = {
-        "alignment_vs_rounds.png": _curve_plot(by_method, "round", "round (federated) / epoch (centralized)"),
-        "alignment_vs_steps.png": _curve_plot(by_method, "gradient_steps", "gradient steps (all clients)"),
-        "per_group.png": _group_plot(by_method),
+        "alignment_vs_rounds.png": curve_plot(by_method, "round", "round (federated) / epoch (centralized)"),
+        "alignment_vs_steps.png": curve_plot(by_method, "gradient_steps", "gradient steps (all clients)"),
+        "per_group.png": group_plot(by_method),
     }
     if any("epsilon" in e for run in runs for e in run["history"]):
         figures["alignment_vs_epsilon.png"] = _privacy_plot(runs)
@@ -60,14 +60,14 @@ def _setting(run: dict, runs: list[dict]) -> str:
     return " ".join([run["method"], *(f"{k}={run['config'][k]}" for k in varying)])
 
 
-def _curve_plot(by_method: dict[str, list[dict]], x: str, xlabel: str):
+def curve_plot(by_method: dict[str, list[dict]], x: str, xlabel: str):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method, runs in sorted(by_method.items()):
-        xs, mean, low, high = _band(runs, x)
+        xs, mean, low, high = band(runs, x)
         line, = ax.plot(xs, mean, label=f"{method} (n={len(runs)})")
         if len(runs) > 1:
             ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
-    _baseline_lines(ax, next(iter(by_method.values()))[0]["baselines"])
+    baseline_lines(ax, next(iter(by_method.values()))[0]["baselines"])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out alignment (1 − JS distance)")
     ax.grid(alpha=0.3)
@@ -75,15 +75,23 @@ def _curve_plot(by_method: dict[str, list[dict]], x: str, xlabel: str):
     return fig
 
 
-def _band(runs: list[dict], x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, min and max over runs at the x values every run has."""
+def band(runs: list[dict], x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, min and max over runs at the x values every run has; where runs share no x values
+    (seconds), each run is interpolated onto a grid over the x range they all cover."""
     common = sorted(set.intersection(*({e[x] for e in r["history"]} for r in runs)))
+    if len(common) < 2 and len(runs) > 1:
+        start = max(r["history"][0][x] for r in runs)
+        end = min(r["history"][-1][x] for r in runs)
+        grid = np.linspace(start, end, 60)
+        values = np.array([np.interp(grid, [e[x] for e in r["history"]], [e["alignment"] for e in r["history"]])
+                           for r in runs])
+        return grid, values.mean(0), values.min(0), values.max(0)
     values = np.array([[{e[x]: e["alignment"] for e in r["history"]}[v] for v in common] for r in runs], float)
     return np.array(common), values.mean(0), values.min(0), values.max(0)
 
 
-def _baseline_lines(ax, baselines: dict) -> None:
-    for (name, value), style in zip(((n, b["alignment"]) for n, b in _available(baselines).items()), (":", "--")):
+def baseline_lines(ax, baselines: dict) -> None:
+    for (name, value), style in zip(((n, b["alignment"]) for n, b in available_baselines(baselines).items()), (":", "--")):
         ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"{name} baseline ({value:.3f})")
 
 
@@ -96,7 +104,7 @@ def _privacy_plot(runs: list[dict]):
             c = run["config"]
             ax.plot(*zip(*points), marker="o", label=f"{run['method']} dp={c['dp']} noise={c['dp-noise']} "
                                                       f"clip={c['dp-clip']} (seed {run['seed']})")
-    _baseline_lines(ax, runs[0]["baselines"])
+    baseline_lines(ax, runs[0]["baselines"])
     ax.set_xscale("log")
     ax.set_xlabel(f"epsilon spent (delta = {runs[0]['config']['dp-delta']:g})")
     ax.set_ylabel("held-out alignment (1 − JS distance)")
@@ -105,7 +113,7 @@ def _privacy_plot(runs: list[dict]):
     return fig
 
 
-def _group_plot(by_method: dict[str, list[dict]]):
+def group_plot(by_method: dict[str, list[dict]]):
     first = next(iter(by_method.values()))[0]
     groups = first["eval_groups"]
     methods = sorted(by_method)
@@ -114,7 +122,7 @@ def _group_plot(by_method: dict[str, list[dict]]):
     xs = np.arange(len(groups))
     bars = [(f"{m} (final)", [np.mean([r["final"]["per_group"][g] for r in by_method[m]]) for g in groups])
             for m in methods]
-    bars += [(f"{name} baseline", [b["per_group"][g] for g in groups]) for name, b in _available(first["baselines"]).items()]
+    bars += [(f"{name} baseline", [b["per_group"][g] for g in groups]) for name, b in available_baselines(first["baselines"]).items()]
     for i, (label, values) in enumerate(bars):
         ax.bar(xs + (i - len(bars) / 2 + 0.5) * width, values, width, label=label)
     ax.set_xticks(xs, groups, rotation=30, ha="right")
@@ -126,12 +134,12 @@ def _group_plot(by_method: dict[str, list[dict]]):
     return fig
 
 
-def _available(baselines: dict) -> dict:
+def available_baselines(baselines: dict) -> dict:
     """The baselines that could be computed (a deployment's server cannot compute train-mean)."""
     return {name: b for name, b in baselines.items() if b["alignment"] is not None}
 
 
-def _fmt(value) -> str:
+def fmt(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -147,21 +155,21 @@ def _markdown(title: str, by_method: dict[str, list[dict]], figures: list[str]) 
         final = [r["final"] for r in runs]
         best = [r["best"] for r in runs]
         lines.append(
-            f"| {method} | {len(runs)} | {_fmt(float(np.mean([f['alignment'] for f in final])))} | "
-            f"{_fmt(float(np.mean([b['alignment'] for b in best])))} ({', '.join(str(b['round']) for b in best)}) | "
-            f"{final[0]['gradient_steps']} | {_fmt(float(np.mean([f['fairness']['jain'] for f in final])))} | "
-            f"{_fmt(float(np.mean([f['fairness']['cov'] for f in final])))} | "
-            f"{final[0]['fairness']['worst_group']} ({_fmt(final[0]['fairness']['worst'])}) |")
+            f"| {method} | {len(runs)} | {fmt(float(np.mean([f['alignment'] for f in final])))} | "
+            f"{fmt(float(np.mean([b['alignment'] for b in best])))} ({', '.join(str(b['round']) for b in best)}) | "
+            f"{final[0]['gradient_steps']} | {fmt(float(np.mean([f['fairness']['jain'] for f in final])))} | "
+            f"{fmt(float(np.mean([f['fairness']['cov'] for f in final])))} | "
+            f"{final[0]['fairness']['worst_group']} ({fmt(final[0]['fairness']['worst'])}) |")
     for name, base in first["baselines"].items():
         extra = f", coverage {base['coverage']:.0%}" if base.get("coverage") is not None else ""
         extra += f" (unavailable: {base['unavailable']})" if "unavailable" in base else ""
-        lines.append(f"| {name} baseline{extra} | – | {_fmt(base['alignment'])} | – | – | – | – | – |")
+        lines.append(f"| {name} baseline{extra} | – | {fmt(base['alignment'])} | – | – | – | – | – |")
     lines += ["", "## Per held-out group (final model; baselines for comparison)", "",
-              "| group | " + " | ".join(sorted(by_method)) + " | " + " | ".join(_available(first["baselines"])) + " |",
-              "|---" * (1 + len(by_method) + len(_available(first["baselines"]))) + "|"]
+              "| group | " + " | ".join(sorted(by_method)) + " | " + " | ".join(available_baselines(first["baselines"])) + " |",
+              "|---" * (1 + len(by_method) + len(available_baselines(first["baselines"]))) + "|"]
     for group in first["eval_groups"]:
-        cells = [_fmt(float(np.mean([r["final"]["per_group"][group] for r in by_method[m]]))) for m in sorted(by_method)]
-        cells += [_fmt(b["per_group"][group]) for b in _available(first["baselines"]).values()]
+        cells = [fmt(float(np.mean([r["final"]["per_group"][group] for r in by_method[m]]))) for m in sorted(by_method)]
+        cells += [fmt(b["per_group"][group]) for b in available_baselines(first["baselines"]).values()]
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
     lines += [""] + [f"![{f}]({f})" for f in figures] + [""]
     return "\n".join(lines)

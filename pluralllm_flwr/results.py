@@ -4,7 +4,8 @@ checkpoints of the best and the last model. Reports, benchmarks and the reproduc
 results.json = {"method", "dataset", "embedder", "seed", "config", "train_groups", "eval_groups",
 "baselines": {"uniform": {"alignment", "per_group"}, "train_mean": {..., "coverage"}} (train_mean is
 {"unavailable": reason} where the server holds no training group's answers, as in a deployment),
-"history": [{"round", "gradient_steps", "episodes", "wall_seconds", "alignment", "per_group",
+"history": [{"round", "gradient_steps", "episodes", "wall_seconds", "train_seconds" (wall time minus the
+held-out evaluations, which every method runs alike), "alignment", "per_group",
 "fairness": {"jain", "cov", "worst", ...}, ...}], "best": <entry>, "final": <entry>}
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .config import RunConfig
 
 RESULTS_FILE, HISTORY_FILE = "results.json", "history.csv"
 BEST_CHECKPOINT, LAST_CHECKPOINT = "best.safetensors", "last.safetensors"
+TIMING_FIELDS = ("wall_seconds", "train_seconds", "eval_seconds")  # the only fields that differ between reruns
 
 
 class ResultsWriter:
@@ -34,6 +36,7 @@ class ResultsWriter:
         self.out_dir = Path(out_dir).resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
+        self.eval_seconds = 0.0
         self.checkpoint_metadata = checkpoint_metadata or {}
         self.results = {"method": method, "dataset": cfg.dataset, "embedder": cfg.embedder, "seed": cfg.seed,
                         "config": cfg.to_mapping(), "train_groups": train_groups, "eval_groups": eval_groups,
@@ -70,6 +73,7 @@ class ResultsWriter:
         writer.results["final"] = history[-1]
         writer.results["best"] = max(history, key=lambda e: (not math.isnan(e["alignment"]), e["alignment"]))
         writer.started = time.perf_counter() - history[-1]["wall_seconds"]  # wall time continues
+        writer.eval_seconds = history[-1]["wall_seconds"] - history[-1].get("train_seconds", history[-1]["wall_seconds"])
         return writer, state, round_
 
     @property
@@ -78,9 +82,12 @@ class ResultsWriter:
 
     def record(self, entry: dict, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
         """Add one evaluation point ({"round", "gradient_steps", "alignment", ...}); wall_seconds is
-        filled in. Saves the last model, and the best one when this point is the best so far."""
-        entry = {"round": entry["round"], "gradient_steps": entry["gradient_steps"],
-                 "wall_seconds": round(time.perf_counter() - self.started, 3), **entry}
+        filled in, and train_seconds (the same less the evaluations' own `eval_seconds`). Saves the last
+        model, and the best one when this point is the best so far."""
+        wall = time.perf_counter() - self.started
+        self.eval_seconds += entry.get("eval_seconds", 0.0)
+        entry = {"round": entry["round"], "gradient_steps": entry["gradient_steps"], "wall_seconds": round(wall, 3),
+                 "train_seconds": round(wall - self.eval_seconds, 3), **entry}
         self.history.append(entry)
         best = self.results["best"]
         is_best = best is None or _better(entry["alignment"], best["alignment"])

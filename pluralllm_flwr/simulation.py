@@ -70,6 +70,12 @@ def simulate(cfg: RunConfig, num_supernodes: int, *, timeout: float | None = Non
         _stop_superlink(home)
 
 
+def progress_only(line: str) -> None:
+    """An `echo` that keeps PluralLLM's own progress lines and errors, not Flower's INFO log."""
+    if line.startswith(("[round", "PluralLLM", "baselines", "done:")) or "ERROR" in line or "Error" in line:
+        print(line, flush=True)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """Inside, SIGTERM raises KeyboardInterrupt as Ctrl-C does, so the callers' clean-up (stopping the

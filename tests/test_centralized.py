@@ -6,7 +6,7 @@ from pluralllm_flwr.centralized import train_centralized
 from pluralllm_flwr.cli import main
 from pluralllm_flwr.experiment import prepare_experiment
 from pluralllm_flwr.report import write_report
-from pluralllm_flwr.results import load_checkpoint, load_results
+from pluralllm_flwr.results import TIMING_FIELDS, load_checkpoint, load_results
 
 CONTRACT = {"method", "dataset", "embedder", "seed", "config", "train_groups", "eval_groups", "baselines",
             "history", "best", "final"}
@@ -14,7 +14,7 @@ ENTRY = {"round", "gradient_steps", "wall_seconds", "alignment", "per_group", "f
 
 
 def without_time(history):
-    return [{k: v for k, v in e.items() if k != "wall_seconds"} for e in history]
+    return [{k: v for k, v in e.items() if k not in TIMING_FIELDS} for e in history]
 
 
 def test_centralized_writes_the_results_contract(tiny_config):
@@ -36,12 +36,14 @@ def test_centralized_writes_the_results_contract(tiny_config):
     assert set(state) == set(prepare_experiment(cfg, progress=False).build_model().state_dict())
 
 
-def test_compute_matched_takes_the_federated_number_of_steps(tiny_config):
+def test_compute_matched_sees_the_federated_number_of_episodes(tiny_config):
     cfg = tiny_config(**{"num-server-rounds": 2})
     results = train_centralized(cfg, compute_matched=True, progress=False).results
-    per_round = cfg.local_steps * 4  # 4 training groups
-    assert [e["gradient_steps"] for e in results["history"]] == [0, per_round, 2 * per_round]
+    per_round = cfg.local_steps  # epochs holding as many episodes as a federated round (4 groups x local-steps)
+    assert [e["round"] for e in results["history"]] == [0, 1, 2, per_round, 2 * per_round]  # 1, 2: epochs = rounds
+    assert [e["episodes"] for e in results["history"]] == [0, 4, 8, 4 * per_round, 8 * per_round]
     assert results["method"] == "centralized-matched"
+    assert all(0 <= e["train_seconds"] <= e["wall_seconds"] and e["eval_seconds"] > 0 for e in results["history"])
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(tiny_config, tmp_path):

@@ -109,6 +109,16 @@ def test_split_restrict_and_heldback(goqa_csv):
     assert D.heldback_split(list(range(6)), 0.5, 2, "Aland") != (train, back)  # the seed matters
 
 
+def test_max_questions_is_a_counted_subset_the_same_for_every_seed(goqa_csv):
+    data = D.load_globalopinionqa(goqa_csv)
+    base = {"train_groups": "Aland,Borduria", "eval_groups": "Carpania", "eval_context": 2, "min_context": 1}
+    subsets = [D.prepare(RunConfig(**base, max_questions=4, seed=s), data)[0] for s in (0, 1)]
+    assert len(subsets[0].questions) == 4 and subsets[0].dropped["question outside the max-questions subset"] == 2
+    assert [q.key for q in subsets[0].questions] == [q.key for q in subsets[1].questions]
+    assert all(set(a) == set(range(4)) for a in subsets[0].answers.values())  # renumbered, nothing dangling
+    assert len(D.prepare(RunConfig(**base, max_questions=99), data)[0].questions) == 6  # more than there are: all
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"train_groups": "Aland,Atlantis"}, r"unknown group\(s\) \['Atlantis'\]"),
     ({"train_groups": "Aland", "eval_groups": "Aland"}, "in both train-groups and eval-groups"),

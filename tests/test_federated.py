@@ -9,7 +9,7 @@ from flwr.app.message.message import make_message
 
 from pluralllm_flwr import client_app
 from pluralllm_flwr.experiment import prepare_experiment
-from pluralllm_flwr.results import ResultsWriter
+from pluralllm_flwr.results import TIMING_FIELDS, ResultsWriter
 from pluralllm_flwr.strategies import UNIT_WEIGHT, NoClientsError, build_strategy
 
 
@@ -121,6 +121,6 @@ def test_same_seed_same_metrics_whatever_the_node_layout(tiny_config, tmp_path):
     for nodes in (4, 2):
         cfg = tiny_config(**{"out-dir": str(tmp_path / f"n{nodes}"), "num-server-rounds": 2})
         simulate(cfg, nodes, timeout=400, echo=lambda line: None)
-        histories.append([{k: v for k, v in e.items() if k != "wall_seconds"}
+        histories.append([{k: v for k, v in e.items() if k not in TIMING_FIELDS}
                           for e in load_results(cfg.out_dir)["history"]])
     assert histories[0] == histories[1]

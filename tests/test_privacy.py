@@ -11,7 +11,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from pluralllm_flwr import client_app
 from pluralllm_flwr.config import ConfigError, RunConfig
 from pluralllm_flwr.experiment import prepare_experiment
-from pluralllm_flwr.results import LAST_CHECKPOINT, ResultsWriter, load_results
+from pluralllm_flwr.results import LAST_CHECKPOINT, TIMING_FIELDS, ResultsWriter, load_results
 from pluralllm_flwr.simulation import simulate
 from pluralllm_flwr.strategies import build_strategy, with_privacy
 
@@ -95,7 +95,7 @@ def test_resume_continues_with_the_same_numbers(tiny_config, tmp_path):
     simulate(part.replace(num_server_rounds=4, resume=True), 2, timeout=400, echo=lambda line: None)
 
     def metrics(cfg):
-        return [{k: v for k, v in e.items() if k != "wall_seconds"} for e in load_results(cfg.out_dir)["history"]]
+        return [{k: v for k, v in e.items() if k not in TIMING_FIELDS} for e in load_results(cfg.out_dir)["history"]]
     assert [e["round"] for e in metrics(part)] == [0, 2, 4]
     assert metrics(part) == metrics(whole)
 

@@ -1,0 +1,262 @@
+"""`pluralllm reproduce`: the paper's comparison (FedAvg, FedProx, centralized) and the ablations of
+its open questions, on real data, as one command; `reproduction_report.py` writes the report.
+
+Every run is an ordinary run directory (the results contract) under <out>/<dataset>/<name>/seed-<s>.
+A run already complete with the same run-config is reused, so an interrupted reproduction goes on
+where it stopped, and the report can be rewritten without training again. What the report needs
+beyond the run directories (skipped datasets, the chosen mu, post-hoc evaluations) is in
+<out>/manifest.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from . import data as D
+from .centralized import train_centralized
+from .config import ConfigError, RunConfig
+from .experiment import prepare_experiment, resolve_device
+from .results import LAST_CHECKPOINT, RESULTS_FILE, load_checkpoint, load_results
+from .simulation import simulate
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much of the reproduction to run. Rounds are federated rounds; the centralized runs and
+    the local-steps ablation are given the same work (episodes), see centralized.py."""
+
+    name: str
+    rounds: int
+    eval_every: int
+    seeds: tuple[int, ...] = (0, 1, 2)
+    mus: tuple[float, ...] = (0.01, 0.1, 1.0)           # FedProx sweep, chosen on held-back questions
+    local_steps: tuple[int, ...] = (1, 3, 6, 12)        # at equal total work
+    eval_contexts: tuple[int, ...] = (5, 10, 20, 50)
+    embedders: tuple[str, ...] = ("minilm", "smollm2")
+    embedder_questions: int = 0                         # the embedder ablation on a subset (0 = all questions)
+    ablations_on_every_dataset: bool = False            # else on the first dataset only
+
+    def describe(self) -> str:
+        return (f"scale '{self.name}': {self.rounds} federated rounds (evaluated every {self.eval_every}), seeds "
+                f"{list(self.seeds)}, FedProx mu in {list(self.mus)}, local steps {list(self.local_steps)}, "
+                f"evaluation context {list(self.eval_contexts)}, embedders {list(self.embedders)}"
+                + (f" on {self.embedder_questions} questions" if self.embedder_questions else ""))
+
+
+SCALES = {
+    # minutes: checks the whole pipeline on real data (the default 6-layer model, 3 rounds)
+    "smoke": Scale("smoke", rounds=3, eval_every=1, seeds=(0, 1), mus=(0.1, 1.0), local_steps=(3, 6),
+                   eval_contexts=(5, 20), embedders=("minilm",)),
+    # under an hour on a 2-core CPU for OpinionQA: 40 rounds where the paper ran ~1,000
+    "default": Scale("default", rounds=40, eval_every=10, embedder_questions=300),
+    # the paper's scale (1,000 rounds, every question, ablations on every dataset): GPU territory
+    "full": Scale("full", rounds=1000, eval_every=10, ablations_on_every_dataset=True),
+}
+
+
+@dataclass
+class Plan:
+    """What one dataset's reproduction ran: run directories by role, and what the report adds."""
+
+    dataset: str
+    main: dict[str, list[str]] = field(default_factory=dict)        # method label -> run dirs (one per seed)
+    mu_sweep: list[dict] = field(default_factory=list)              # {"mu", "run", "heldback", "heldout"}
+    mu: float | None = None
+    local_steps: dict[int, str] = field(default_factory=dict)       # local steps -> run dir
+    weighting: dict[str, str] = field(default_factory=dict)         # weighting -> run dir
+    weighting_sizes: dict[str, int] = field(default_factory=dict)   # training group -> training questions
+    embedders: dict[str, dict] = field(default_factory=dict)        # embedder -> {"run", "dim", "embed_seconds"}
+    eval_context: dict[str, dict[str, float]] = field(default_factory=dict)  # run dir -> {context: alignment}
+
+
+def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str | Path, echo=print) -> dict:
+    """Run every missing run of the reproduction and return the manifest (also written to out).
+
+    `datasets` maps a dataset name to its path ("" = the hub for GlobalOpinionQA). A dataset that
+    cannot be loaded is reported as skipped, with the reason, before any training starts."""
+    out = Path(out).resolve()
+    started = time.perf_counter()
+    usable, skipped = {}, {}
+    for name, path in datasets.items():
+        cfg = base.replace(dataset=name, data_path=str(Path(path).resolve()) if path else "")
+        try:
+            D.prepare(cfg)  # fails fast on a bad path, unknown groups or (offline) the hub
+            usable[name] = cfg
+        except (D.DataError, OSError) as exc:
+            skipped[name] = f"{exc} (to `pluralllm reproduce`: --dataset {name}=PATH)"
+            echo(f"reproduce: SKIPPING {name}: {skipped[name]}")
+    if not usable:
+        raise D.DataError(f"no dataset could be loaded: {skipped}")
+    echo(f"reproduce: {scale.describe()}; datasets {list(usable)}; runs in {out}")
+    manifest = {"scale": asdict(scale), "base_config": base.to_mapping(), "skipped": skipped, "datasets": {}}
+    for i, (name, cfg) in enumerate(usable.items()):
+        plan = _reproduce_dataset(cfg, scale, out / name, echo, ablations=i == 0 or scale.ablations_on_every_dataset)
+        manifest["datasets"][name] = asdict(plan)
+        _write_manifest(out, manifest)
+    manifest["wall_seconds"] = round(time.perf_counter() - started, 1)
+    _write_manifest(out, manifest)
+    return manifest
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def load_manifest(out: str | Path) -> dict:
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no reproduction here; run `pluralllm reproduce` first")
+    return json.loads(path.read_text())
+
+
+def _reproduce_dataset(cfg: RunConfig, scale: Scale, out: Path, echo, ablations: bool) -> Plan:
+    cfg = cfg.replace(num_server_rounds=scale.rounds, eval_every=scale.eval_every)
+    plan = Plan(cfg.dataset)
+    run = _Runner(out, echo)
+    first, *others = scale.seeds
+    fedavg = cfg.replace(strategy="fedavg", proximal_mu=0.0)
+    fedprox = cfg.replace(strategy="fedprox")
+    # seed `first` of every method and of every mu, then the chosen mu, then the other seeds
+    runs = {"FedAvg": [run.federated("fedavg", fedavg.replace(seed=first))],
+            "Centralized": [run.centralized("centralized", cfg.replace(seed=first))]}
+    for mu in scale.mus:
+        path = run.federated(f"fedprox-mu{mu:g}", fedprox.replace(seed=first, proximal_mu=mu))
+        final = load_results(path)["final"]
+        plan.mu_sweep.append({"mu": mu, "run": path, "heldback": final.get("heldback_alignment"),
+                              "heldout": final["alignment"]})
+    plan.mu = _choose_mu(plan.mu_sweep)
+    echo(f"reproduce: FedProx mu = {plan.mu:g} (best held-back alignment of the training groups)")
+    runs["FedProx"] = [next(s["run"] for s in plan.mu_sweep if s["mu"] == plan.mu)]
+    for seed in others:
+        runs["FedAvg"].append(run.federated("fedavg", fedavg.replace(seed=seed)))
+        runs["FedProx"].append(run.federated(f"fedprox-mu{plan.mu:g}", fedprox.replace(seed=seed, proximal_mu=plan.mu)))
+        runs["Centralized"].append(run.centralized("centralized", cfg.replace(seed=seed)))
+    plan.main = {"FedAvg": runs["FedAvg"], f"FedProx (mu={plan.mu:g})": runs["FedProx"],
+                 "Centralized": runs["Centralized"]}
+    if not ablations:
+        return plan
+
+    work = cfg.num_server_rounds * cfg.local_steps  # local steps per client, held fixed across the ablation
+    for steps in scale.local_steps:
+        if steps == cfg.local_steps:
+            plan.local_steps[steps] = runs["FedAvg"][0]
+            continue
+        per_round = cfg.eval_every * cfg.local_steps
+        plan.local_steps[steps] = run.federated(f"local-steps-{steps}", fedavg.replace(
+            seed=first, local_steps=steps, num_server_rounds=max(1, round(work / steps)),
+            eval_every=max(1, round(per_round / steps))))
+    uneven = fedavg.replace(seed=first, common_questions=False)  # groups keep all their questions: sizes differ
+    exp = prepare_experiment(uneven)  # embeds the questions only some groups answered (progress shown)
+    plan.weighting_sizes = {g: len(exp.question_ids(g, "train")) for g in exp.split.train}
+    for weighting in ("num-examples", "uniform"):
+        plan.weighting[weighting] = run.federated(f"weighting-{weighting}", uneven.replace(weighting=weighting))
+    for embedder in scale.embedders:
+        emb_cfg = fedavg.replace(seed=first, embedder=embedder, max_questions=scale.embedder_questions)
+        exp = prepare_experiment(emb_cfg)  # embeds (or reads the cache) before the run starts
+        reuse = emb_cfg == fedavg.replace(seed=first)
+        path = runs["FedAvg"][0] if reuse else run.federated(f"embedder-{_slug(embedder)}", emb_cfg)
+        plan.embedders[embedder] = {"run": path, "dim": exp.table.dim, "questions": len(exp.data.questions),
+                                    "vectors": len(exp.table.vectors)}
+    echo("reproduce: evaluation-context ablation on the final models of the main runs")
+    plan.eval_context = _eval_context_ablation([p for paths in runs.values() for p in paths], scale.eval_contexts)
+    return plan
+
+
+def _choose_mu(sweep: list[dict]) -> float:
+    """The mu whose run scores best on the training groups' held-back questions (validation data:
+    the held-out groups are never used to choose); the smallest mu on ties."""
+    if any(s["heldback"] is None for s in sweep):
+        raise ConfigError("choosing FedProx's mu needs the clients' held-back evaluation: set heldback-fraction > 0")
+    return max(sweep, key=lambda s: (s["heldback"], -s["mu"]))["mu"]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in name.strip("/").split("/")[-1])
+
+
+EVAL_CONTEXT_FILE = "eval_context.json"
+
+
+def _eval_context_ablation(paths: list[str], contexts: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """Held-out alignment of each run's final model with k context questions per held-out group
+    (kept in the run directory, so a rerun of the reproduction does not evaluate again)."""
+    scores: dict[str, dict[str, float]] = {}
+    for path in paths:
+        done = Path(path) / EVAL_CONTEXT_FILE
+        if done.is_file():
+            cached = json.loads(done.read_text())
+            if all(str(k) in cached for k in contexts):
+                scores[path] = {str(k): cached[str(k)] for k in contexts}
+                continue
+        cfg = RunConfig.from_mapping(load_results(path)["config"])
+        state, _ = load_checkpoint(Path(path) / LAST_CHECKPOINT)
+        exp = prepare_experiment(cfg, progress=False)
+        model = exp.build_model()
+        model.load_state_dict(state)
+        device = resolve_device(cfg.device)
+        model.to(device)
+        scores[path] = {}
+        for k in contexts:
+            exp_k = replace(exp, cfg=cfg.replace(eval_context=k))
+            scores[path][str(k)] = exp_k.evaluate(model, device)["alignment"]
+        done.write_text(json.dumps(scores[path]))
+    return scores
+
+
+class _Runner:
+    """Runs (or reuses) one run directory per (name, seed), printing a line per run."""
+
+    def __init__(self, out: Path, echo) -> None:
+        self.out, self.echo, self.count = out, echo, 0
+
+    def federated(self, name: str, cfg: RunConfig) -> str:
+        def go(cfg: RunConfig) -> None:
+            nodes = len(prepare_experiment(cfg, progress=False).split.train)
+            simulate(cfg, nodes, echo=lambda line: None)
+        return self._run(name, cfg, cfg.num_server_rounds, go)
+
+    def centralized(self, name: str, cfg: RunConfig) -> str:
+        return self._run(name, cfg, cfg.num_server_rounds * cfg.local_steps,
+                         lambda cfg: train_centralized(cfg, compute_matched=True, progress=False))
+
+    def _run(self, name: str, cfg: RunConfig, last_round: int, go) -> str:
+        path = self.out / name / f"seed-{cfg.seed}"
+        cfg = cfg.replace(out_dir=str(path))
+        self.count += 1
+        label = f"[{self.count}] {self.out.name}/{name}/seed-{cfg.seed}"
+        if _complete(path, cfg, last_round):
+            self.echo(f"{label}: complete, reused")
+            return str(path)
+        shutil.rmtree(path, ignore_errors=True)  # an interrupted or differently configured run starts over
+        started = time.perf_counter()
+        self.echo(f"{label}: running ...")
+        go(cfg)
+        final = load_results(path)["final"]
+        self.echo(f"{label}: held-out alignment {final['alignment']:.4f} at round {final['round']} "
+                  f"({time.perf_counter() - started:.0f} s)")
+        return str(path)
+
+
+# Settings that may differ without changing a run's numbers.
+_INCIDENTAL = {"cache-dir", "device", "round-timeout", "data-path"}
+
+
+def _complete(path: Path, cfg: RunConfig, last_round: int) -> bool:
+    if not (path / RESULTS_FILE).is_file() or not (path / LAST_CHECKPOINT).is_file():
+        return False
+    try:
+        results = load_results(path)
+    except (OSError, ValueError):
+        return False
+    same = {k: v for k, v in results["config"].items() if k not in _INCIDENTAL} == \
+        {k: v for k, v in cfg.to_mapping().items() if k not in _INCIDENTAL}
+    final = results.get("final") or {}
+    return same and final.get("round") == last_round and not math.isnan(final.get("alignment", math.nan))
+

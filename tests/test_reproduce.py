@@ -1,0 +1,109 @@
+"""`pluralllm reproduce`: the smoke version of the whole reproduction (every method, the mu sweep and
+every ablation, through Flower's simulation) on synthetic data, checking every figure and table."""
+import re
+from pathlib import Path
+
+import pytest
+
+from pluralllm_flwr.cli import main
+from pluralllm_flwr.reproduce import _choose_mu, _complete, load_manifest
+from pluralllm_flwr.results import load_results
+
+from .conftest import TINY_RUN, tiny_causal_lm
+
+SECTIONS = ["## The paper's claims against ours", "### Alignment and fairness", "### Reaching the centralized score",
+            "### Per held-out group", "### FedProx: the mu sweep", "#### Local steps at equal work",
+            "#### Size-weighted against uniform aggregation", "#### Evaluation context size", "#### Embedder",
+            "## Not run"]
+FIGURES = ["alignment-vs-round", "alignment-vs-gradient_steps", "alignment-vs-episodes", "alignment-vs-train_seconds",
+           "per-group", "local-steps", "eval-context", "embedders"]
+
+
+@pytest.fixture(scope="module")
+def tiny_embedder(tmp_path_factory) -> Path:
+    """A second embedder for the embedder ablation: a random tiny Llama saved as a local model folder."""
+    model, tok = tiny_causal_lm(["Synthetic survey question number 1: how do you feel about topic 1? Option A"])
+    folder = tmp_path_factory.mktemp("tiny-embedder")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _overrides(tiny_paths) -> str:
+    values = {**TINY_RUN, "cache-dir": tiny_paths["cache-dir"]}
+    return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
+
+
+def test_smoke_reproduction_writes_every_figure_and_table_and_reuses_its_runs(tiny_paths, tiny_embedder, tmp_path,
+                                                                               capsys):
+    runs, report = tmp_path / "runs", tmp_path / "docs" / "results.md"
+    args = ["reproduce", "--scale", "smoke", "--rounds", "2", "--seeds", "0,1", "--embedders", f"minilm,{tiny_embedder}",
+            "--dataset", f"globalopinionqa={tiny_paths['data-path']}", "--dataset", f"opinionqa={tmp_path / 'absent'}",
+            "--out", str(runs), "--report", str(report), "-c", _overrides(tiny_paths)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "SKIPPING opinionqa" in printed  # a dataset that cannot be loaded is said, and reported
+
+    text = report.read_text()
+    for section in SECTIONS:
+        assert section in text, section
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    for figure in FIGURES:
+        assert any(f"globalopinionqa-{figure}.png" in link for link in linked), figure
+    for link in linked:
+        assert (report.parent / link).is_file() and (report.parent / link).stat().st_size > 5000, link
+    assert "opinionqa**: " in text and "absent" in text  # the skipped dataset and why
+
+    manifest = load_manifest(runs)
+    plan = manifest["datasets"]["globalopinionqa"]
+    assert [len(p) for p in plan["main"].values()] == [2, 2, 2]  # FedAvg, FedProx, centralized x 2 seeds
+    assert plan["mu"] in (0.1, 1.0) and len(plan["mu_sweep"]) == 2
+    fedavg = load_results(plan["main"]["FedAvg"][0])
+    central = load_results(plan["main"]["Centralized"][0])
+    assert fedavg["final"]["round"] == 2 and central["final"]["round"] == 2 * TINY_RUN["local-steps"]
+    assert fedavg["final"]["episodes"] == central["final"]["episodes"]  # compute-matched: the same work
+    assert sorted(plan["local_steps"]) == ["3", "6"] and load_results(plan["local_steps"]["6"])["final"]["round"] == 1
+    assert set(plan["weighting"]) == {"num-examples", "uniform"}
+    assert plan["embedders"]["minilm"]["run"] == plan["main"]["FedAvg"][0]  # the same run: reused
+    assert {info["dim"] for info in plan["embedders"].values()} == {384, 32}
+    assert all(set(scores) == {"5", "20"} for scores in plan["eval_context"].values())
+    assert len(plan["eval_context"]) == 6
+
+    # A second call trains nothing: every run is complete with the same run-config.
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert "running" not in again and again.count("complete, reused") == printed.count("running ...")
+    assert main(["reproduce", "--report-only", "--out", str(runs), "--report", str(report)]) == 0
+
+
+def test_mu_is_chosen_on_held_back_questions_not_held_out_groups():
+    sweep = [{"mu": 0.01, "heldback": 0.80, "heldout": 0.95}, {"mu": 0.1, "heldback": 0.85, "heldout": 0.90},
+             {"mu": 1.0, "heldback": 0.85, "heldout": 0.99}]
+    assert _choose_mu(sweep) == 0.1  # best held-back; the smaller mu on a tie, whatever the held-out score
+    with pytest.raises(ValueError, match="heldback-fraction > 0"):
+        _choose_mu([{"mu": 0.1, "heldback": None, "heldout": 0.9}])
+
+
+def test_a_run_is_reused_only_when_complete_with_the_same_config(tiny_config, tmp_path):
+    from pluralllm_flwr.centralized import train_centralized
+
+    cfg = tiny_config(**{"out-dir": str(tmp_path / "run")})
+    train_centralized(cfg, progress=False)
+    path = Path(cfg.out_dir)
+    assert _complete(path, cfg, cfg.num_server_rounds)
+    assert not _complete(path, cfg, cfg.num_server_rounds + 1)  # stopped early
+    assert not _complete(path, cfg.replace(lr=0.5), cfg.num_server_rounds)  # another setting
+    assert _complete(path, cfg.replace(device="cpu"), cfg.num_server_rounds)  # the same numbers
+    assert not _complete(tmp_path / "nothing", cfg, 1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["reproduce"], "name the datasets"),
+    (["reproduce", "--dataset", "pew=x"], "unknown dataset 'pew'"),
+    (["reproduce", "--dataset", "opinionqa=/no/such/folder"], "no dataset could be loaded"),
+    (["reproduce", "--report-only", "--out", "/no/such/runs"], "no reproduction here"),
+])
+def test_bad_reproduce_arguments_are_clear_errors(args, message, capsys, tmp_path):
+    assert main([*args, "--report", str(tmp_path / "r.md")]) == 2
+    assert message in capsys.readouterr().err
+
