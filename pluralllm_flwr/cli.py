@@ -192,7 +192,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         datasets = dict(_dataset_spec(s) for s in args.dataset or [])
         if not datasets:
             raise ConfigError("name the datasets: --dataset opinionqa=PATH/human_resp and/or --dataset globalopinionqa[=CSV]")
-        manifest = reproduce(datasets, scale, _run_config(args), out, echo=lambda line: print(line, flush=True))
+        manifest = reproduce(datasets, scale, _run_config(args), out, echo=lambda line: print(line, flush=True),
+                             command=command)
     report = args.report or (out / "results.md" if scale.name == "smoke" else "docs/results.md")
     print(f"report: {write_reproduction_report(manifest, report, command)}")
     return 0

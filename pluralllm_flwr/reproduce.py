@@ -75,7 +75,8 @@ class Plan:
     eval_context: dict[str, dict[str, float]] = field(default_factory=dict)  # run dir -> {context: alignment}
 
 
-def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str | Path, echo=print) -> dict:
+def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str | Path, echo=print,
+              command: str = "") -> dict:
     """Run every missing run of the reproduction and return the manifest (also written to out).
 
     `datasets` maps a dataset name to its path ("" = the hub for GlobalOpinionQA). A dataset that
@@ -94,7 +95,8 @@ def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str 
     if not usable:
         raise D.DataError(f"no dataset could be loaded: {skipped}")
     echo(f"reproduce: {scale.describe()}; datasets {list(usable)}; runs in {out}")
-    manifest = {"scale": asdict(scale), "base_config": base.to_mapping(), "skipped": skipped, "datasets": {}}
+    manifest = {"command": command, "scale": asdict(scale), "base_config": base.to_mapping(), "skipped": skipped,
+                "datasets": {}}
     for i, (name, cfg) in enumerate(usable.items()):
         plan = _reproduce_dataset(cfg, scale, out / name, echo, ablations=i == 0 or scale.ablations_on_every_dataset)
         manifest["datasets"][name] = asdict(plan)
@@ -162,8 +164,7 @@ def _reproduce_dataset(cfg: RunConfig, scale: Scale, out: Path, echo, ablations:
         exp = prepare_experiment(emb_cfg)  # embeds (or reads the cache) before the run starts
         reuse = emb_cfg == fedavg.replace(seed=first)
         path = runs["FedAvg"][0] if reuse else run.federated(f"embedder-{_slug(embedder)}", emb_cfg)
-        plan.embedders[embedder] = {"run": path, "dim": exp.table.dim, "questions": len(exp.data.questions),
-                                    "vectors": len(exp.table.vectors)}
+        plan.embedders[embedder] = {"run": path, "dim": exp.table.dim, "questions": len(exp.data.questions)}
     echo("reproduce: evaluation-context ablation on the final models of the main runs")
     plan.eval_context = _eval_context_ablation([p for paths in runs.values() for p in paths], scale.eval_contexts)
     return plan

@@ -35,8 +35,9 @@ def write_reproduction_report(manifest: dict, report: str | Path, command: str) 
     scale = manifest["scale"]
     lines = [
         "# Reproducing PluralLLM's comparison", "",
-        f"Written by `{command}` on {time.strftime('%Y-%m-%d')} (commit {_commit()}, {os.cpu_count()} CPU cores, "
-        f"{platform.machine()}); the whole reproduction took {_minutes(manifest.get('wall_seconds'))}. "
+        f"Runs by `{manifest.get('command', command)}` ({_minutes(manifest.get('wall_seconds'))} in all, "
+        f"{os.cpu_count()} CPU cores, {platform.machine()}); this report written by `{command}` on "
+        f"{time.strftime('%Y-%m-%d')} (commit {_commit()}). "
         "Do not edit by hand: rerun the command (complete runs are reused; the report is rewritten).", "",
         f"**Scale `{scale['name']}`**: {scale['rounds']} federated rounds, evaluated every {scale['eval_every']}, "
         f"seeds {scale['seeds']}. " + _scale_note(scale), "",
@@ -50,7 +51,7 @@ def write_reproduction_report(manifest: dict, report: str | Path, command: str) 
               "| claim (PluralLLM) | paper | ours | holds? |", "|---|---|---|---|", *claims, "",
               "Rules: a claim *holds* when it holds in every seed; *no* when it fails in every seed; *mixed* "
               "otherwise; *not reached* when a method never reached the target within this scale's budget. "
-              f"Convergence = first evaluation at {TARGETS[-1]:.0%} of the best centralized score (mean over seeds "
+              "Reaching a score = the first evaluation at that share of the best centralized score (mean over seeds "
               "of the compute-matched centralized run's best). \"Nearly the same fairness\" = Jain's index within "
               f"{FAIRNESS_TOLERANCE} of centralized.", ""]
     lines += _method_notes(scale)
@@ -168,14 +169,15 @@ def _dataset_section(name: str, plan: dict, scale: dict, figures: Path, root: Pa
 
 def _claims(name: str, runs: dict, central: list[dict], rounds: int, reach: dict, best_central: float,
             fedavg: list[dict]) -> list[str]:
-    frac = TARGETS[-1]
     rows = []
-    for x, what in (("round", "rounds vs epochs (paper's count)"), ("episodes", "at equal work (episodes)")):
+    for frac, x, what in [(f, x, w) for f in TARGETS for x, w in (("round", "rounds vs epochs (paper's count)"),
+                                                                   ("episodes", "at equal work (episodes)"))]:
         fed, cen = reach["FedAvg", frac][x], reach[CENTRAL, frac][x]
         verdicts = [_faster(f, c) for f, c in zip(fed, cen)]
         if all(f == 0 and c == 0 for f, c in zip(fed, cen)):
             verdicts = ["trivial"]  # the initial model already scores above the target
-        rows.append(f"| {name}: FedAvg converges faster, {what} | 634 vs 1,180 rounds (46% fewer) | "
+        rows.append(f"| {name}: FedAvg reaches {frac:.0%} of the centralized score sooner, {what} | "
+                    "634 vs 1,180 rounds to converge (46% fewer) | "
                     f"{_mean_reached(fed)} vs {_mean_reached(cen)} {_percent_fewer(fed, cen)} | {_verdict(verdicts)} |")
     matched = [(f["best"]["alignment"], c["best"]["alignment"]) for f, c in zip(fedavg, central)]
     gains = [f / c - 1 for f, c in matched]
@@ -220,7 +222,7 @@ def _ablations(name: str, plan: dict, figures: Path, rel) -> list[str]:
               "the same number for every group, so on this dataset both weightings are the same")
     out += ["#### Size-weighted against uniform aggregation", "",
             f"With every group's own questions (common-questions=false), the training groups hold {low} to {high} "
-            f"training questions: {differ}.", "",
+            f"training questions, {differ}.", "",
             "| weighting | final alignment | best alignment | Jain | CoV | worst group |", "|---|---|---|---|---|---|"]
     for weighting, path in plan["weighting"].items():
         r = load_results(path)["final"]
@@ -294,7 +296,8 @@ def _percent_fewer(fed: list, central: list) -> str:
     central_mean = np.mean([c for _, c in pairs]) if pairs else 0
     if not central_mean:
         return ""
-    return f"({1 - np.mean([f for f, _ in pairs]) / central_mean:.0%} fewer)"
+    fewer = 1 - np.mean([f for f, _ in pairs]) / central_mean
+    return f"({fewer:.0%} fewer)" if fewer >= 0 else f"({-fewer:.0%} more)"
 
 
 def _mean_reached(values: list) -> str:
