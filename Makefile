@@ -30,7 +30,7 @@ test: install
 	$(PY) -m pytest -q
 
 # The paper's comparison (FedAvg, FedProx, centralized) and its ablations on real data, then
-# docs/results.md and its figures. SCALE=smoke (minutes) | default (~1 hour per dataset on 2 cores) |
+# docs/results.md and its figures. SCALE=smoke (~10 minutes) | default (~1 hour per dataset on 2 cores) |
 # full (the paper's 1,000 rounds). Complete runs are reused: an interrupted reproduction continues.
 SCALE ?= default
 OPINIONQA ?= ../shared/data/opinionqa/human_resp
