@@ -125,6 +125,11 @@ def _reproduce_dataset(cfg: RunConfig, scale: Scale, out: Path, echo, ablations:
     first, *others = scale.seeds
     fedavg = cfg.replace(strategy="fedavg", proximal_mu=0.0)
     fedprox = cfg.replace(strategy="fedprox")
+    uneven = fedavg.replace(seed=first, common_questions=False)  # groups keep all their questions: sizes differ
+    embedder_cfgs = {e: fedavg.replace(seed=first, embedder=e, max_questions=scale.embedder_questions)
+                     for e in scale.embedders}
+    # the ablations' data and embeddings first: a bad embedder fails now, not after an hour of training
+    prepared = {c: prepare_experiment(c) for c in [uneven, *embedder_cfgs.values()]} if ablations else {}
     # seed `first` of every method and of every mu, then the chosen mu, then the other seeds
     runs = {"FedAvg": [run.federated("fedavg", fedavg.replace(seed=first))],
             "Centralized": [run.centralized("centralized", cfg.replace(seed=first))]}
@@ -154,14 +159,12 @@ def _reproduce_dataset(cfg: RunConfig, scale: Scale, out: Path, echo, ablations:
         plan.local_steps[steps] = run.federated(f"local-steps-{steps}", fedavg.replace(
             seed=first, local_steps=steps, num_server_rounds=max(1, round(work / steps)),
             eval_every=max(1, round(per_round / steps))))
-    uneven = fedavg.replace(seed=first, common_questions=False)  # groups keep all their questions: sizes differ
-    exp = prepare_experiment(uneven)  # embeds the questions only some groups answered (progress shown)
+    exp = prepared[uneven]
     plan.weighting_sizes = {g: len(exp.question_ids(g, "train")) for g in exp.split.train}
     for weighting in ("num-examples", "uniform"):
         plan.weighting[weighting] = run.federated(f"weighting-{weighting}", uneven.replace(weighting=weighting))
-    for embedder in scale.embedders:
-        emb_cfg = fedavg.replace(seed=first, embedder=embedder, max_questions=scale.embedder_questions)
-        exp = prepare_experiment(emb_cfg)  # embeds (or reads the cache) before the run starts
+    for embedder, emb_cfg in embedder_cfgs.items():
+        exp = prepared[emb_cfg]
         reuse = emb_cfg == fedavg.replace(seed=first)
         path = runs["FedAvg"][0] if reuse else run.federated(f"embedder-{_slug(embedder)}", emb_cfg)
         plan.embedders[embedder] = {"run": path, "dim": exp.table.dim, "questions": len(exp.data.questions)}

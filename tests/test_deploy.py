@@ -229,8 +229,9 @@ def test_rounds_never_wait_forever_and_a_returning_node_is_asked_again(tiny_conf
 
 
 class Descendants:
-    """Every process started below this one while inside, sampled often enough to catch those that
-    Flower detaches from their parent; `left()` lists those still running afterwards."""
+    """Every process started below this one while inside: children, and the processes Flower detaches
+    from their parent but starts with `--parent-pid <a process seen here>` (the SuperExec); `left()`
+    lists those still running afterwards."""
 
     def __enter__(self):
         self.seen, self.running = {}, True
@@ -241,13 +242,23 @@ class Descendants:
     def _sample(self):
         me = psutil.Process()
         while self.running:
-            for p in me.children(recursive=True):
+            for p in me.children(recursive=True) + [p for p in psutil.process_iter() if self._adopted(p)]:
                 if p.pid not in self.seen:
                     try:
                         self.seen[p.pid] = (p, " ".join(p.cmdline()[:2]))
                     except psutil.NoSuchProcess:
                         pass
             time.sleep(0.2)
+
+    def _adopted(self, p: psutil.Process) -> bool:
+        try:
+            command = p.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+        if "--parent-pid" not in command[:-1]:
+            return False
+        parent = command[command.index("--parent-pid") + 1]
+        return parent.isdigit() and int(parent) in self.seen
 
     def commands(self) -> str:
         return " ".join(command for _, command in self.seen.values())
@@ -275,15 +286,19 @@ class Descendants:
 def test_sigterm_stops_every_process_of_a_deployment(run, tmp_path):
     cfg, exp, bundles = run
     handler = signal.getsignal(signal.SIGTERM)
+    names = ("flower-superlink", "flower-supernode", "flower-superexec")
     with Descendants() as tree:
         with pytest.raises(KeyboardInterrupt):
             with LocalDeployment(tmp_path / "dep", insecure=True) as deployment:
                 deployment.start_superlink()
                 deployment.start_supernode("G0", bundles["G0"])
                 deployment.wait_for_nodes(1, timeout=90)
+                deadline = time.monotonic() + 30  # on a loaded machine the SuperExec may start late
+                while not all(name in tree.commands() for name in names) and time.monotonic() < deadline:
+                    time.sleep(0.5)
                 os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` or a CI runner would
                 time.sleep(30)
-    assert all(name in tree.commands() for name in ("flower-superlink", "flower-supernode", "flower-superexec"))
+    assert all(name in tree.commands() for name in names)
     assert tree.left() == []
     assert signal.getsignal(signal.SIGTERM) == handler  # put back
 

@@ -107,3 +107,13 @@ def test_bad_reproduce_arguments_are_clear_errors(args, message, capsys, tmp_pat
     assert main([*args, "--report", str(tmp_path / "r.md")]) == 2
     assert message in capsys.readouterr().err
 
+
+
+def test_a_bad_embedder_fails_before_any_training(tiny_paths, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    args = ["reproduce", "--scale", "smoke", "--rounds", "1", "--embedders", f"minilm,{tmp_path / 'no-such-model'}",
+            "--dataset", f"globalopinionqa={tiny_paths['data-path']}", "--out", str(runs),
+            "--report", str(tmp_path / "r.md"), "-c", _overrides(tiny_paths)]
+    assert main(args) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    assert not (runs / "globalopinionqa" / "fedavg").exists()  # nothing trained
