@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 
 from pathlib import Path
@@ -185,7 +186,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                "embedders": tuple(args.embedders) if args.embedders else None}
     scale = replace(scale, **{k: v for k, v in changes.items() if v})
     out = Path(args.out or f"runs/reproduce/{scale.name}")
-    command = "pluralllm " + " ".join(sys.argv[1:]) if sys.argv[1:] else "pluralllm reproduce"
+    command = shlex.join(["pluralllm", *args.argv])
     if args.report_only:
         manifest = load_manifest(out)
     else:
@@ -325,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what was asked, for reports that name the command that wrote them
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

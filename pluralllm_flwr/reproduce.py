@@ -4,8 +4,8 @@ its open questions, on real data, as one command; `reproduction_report.py` write
 Every run is an ordinary run directory (the results contract) under <out>/<dataset>/<name>/seed-<s>.
 A run already complete with the same run-config is reused, so an interrupted reproduction goes on
 where it stopped, and the report can be rewritten without training again. What the report needs
-beyond the run directories (skipped datasets, the chosen mu, post-hoc evaluations) is in
-<out>/manifest.json.
+beyond the run directories (skipped datasets, the chosen mu, post-hoc evaluations, the commands
+that ran and their time) is in <out>/manifest.json.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class Plan:
     local_steps: dict[int, str] = field(default_factory=dict)       # local steps -> run dir
     weighting: dict[str, str] = field(default_factory=dict)         # weighting -> run dir
     weighting_sizes: dict[str, int] = field(default_factory=dict)   # training group -> training questions
-    embedders: dict[str, dict] = field(default_factory=dict)        # embedder -> {"run", "dim", "embed_seconds"}
+    embedders: dict[str, dict] = field(default_factory=dict)        # embedder -> {"run", "dim", "questions"}
     eval_context: dict[str, dict[str, float]] = field(default_factory=dict)  # run dir -> {context: alignment}
 
 
@@ -95,14 +95,15 @@ def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str 
     if not usable:
         raise D.DataError(f"no dataset could be loaded: {skipped}")
     echo(f"reproduce: {scale.describe()}; datasets {list(usable)}; runs in {out}")
-    manifest = {"command": command, "scale": asdict(scale), "base_config": base.to_mapping(), "skipped": skipped,
-                "datasets": {}}
+    # Earlier invocations (an interrupted reproduction, or one that reused every run) keep their time.
+    before = load_manifest(out).get("invocations", []) if (out / MANIFEST).is_file() else []
+    manifest = {"invocations": [*before, {"command": command, "seconds": 0.0}], "scale": asdict(scale),
+                "base_config": base.to_mapping(), "skipped": skipped, "datasets": {}}
     for i, (name, cfg) in enumerate(usable.items()):
         plan = _reproduce_dataset(cfg, scale, out / name, echo, ablations=i == 0 or scale.ablations_on_every_dataset)
         manifest["datasets"][name] = asdict(plan)
+        manifest["invocations"][-1]["seconds"] = round(time.perf_counter() - started, 1)
         _write_manifest(out, manifest)
-    manifest["wall_seconds"] = round(time.perf_counter() - started, 1)
-    _write_manifest(out, manifest)
     return manifest
 
 
@@ -121,15 +122,17 @@ def load_manifest(out: str | Path) -> dict:
 def _reproduce_dataset(cfg: RunConfig, scale: Scale, out: Path, echo, ablations: bool) -> Plan:
     cfg = cfg.replace(num_server_rounds=scale.rounds, eval_every=scale.eval_every)
     plan = Plan(cfg.dataset)
-    run = _Runner(out, echo)
     first, *others = scale.seeds
     fedavg = cfg.replace(strategy="fedavg", proximal_mu=0.0)
     fedprox = cfg.replace(strategy="fedprox")
     uneven = fedavg.replace(seed=first, common_questions=False)  # groups keep all their questions: sizes differ
     embedder_cfgs = {e: fedavg.replace(seed=first, embedder=e, max_questions=scale.embedder_questions)
                      for e in scale.embedders}
-    # the ablations' data and embeddings first: a bad embedder fails now, not after an hour of training
-    prepared = {c: prepare_experiment(c) for c in [uneven, *embedder_cfgs.values()]} if ablations else {}
+    # every run's data and embeddings first (with progress): a bad embedder fails now, not after an hour
+    prepared = {c: prepare_experiment(c) for c in [fedavg.replace(seed=first)]
+                + ([uneven, *embedder_cfgs.values()] if ablations else [])}
+    # every run of a dataset trains the same groups: one virtual SuperNode per training group
+    run = _Runner(out, echo, nodes=len(prepared[fedavg.replace(seed=first)].split.train))
     # seed `first` of every method and of every mu, then the chosen mu, then the other seeds
     runs = {"FedAvg": [run.federated("fedavg", fedavg.replace(seed=first))],
             "Centralized": [run.centralized("centralized", cfg.replace(seed=first))]}
@@ -151,11 +154,11 @@ def _reproduce_dataset(cfg: RunConfig, scale: Scale, out: Path, echo, ablations:
         return plan
 
     work = cfg.num_server_rounds * cfg.local_steps  # local steps per client, held fixed across the ablation
+    per_round = cfg.eval_every * cfg.local_steps  # and evaluated at the same work
     for steps in scale.local_steps:
         if steps == cfg.local_steps:
             plan.local_steps[steps] = runs["FedAvg"][0]
             continue
-        per_round = cfg.eval_every * cfg.local_steps
         plan.local_steps[steps] = run.federated(f"local-steps-{steps}", fedavg.replace(
             seed=first, local_steps=steps, num_server_rounds=max(1, round(work / steps)),
             eval_every=max(1, round(per_round / steps))))
@@ -217,14 +220,12 @@ def _eval_context_ablation(paths: list[str], contexts: tuple[int, ...]) -> dict[
 class _Runner:
     """Runs (or reuses) one run directory per (name, seed), printing a line per run."""
 
-    def __init__(self, out: Path, echo) -> None:
-        self.out, self.echo, self.count = out, echo, 0
+    def __init__(self, out: Path, echo, nodes: int) -> None:
+        self.out, self.echo, self.nodes, self.count = out, echo, nodes, 0
 
     def federated(self, name: str, cfg: RunConfig) -> str:
-        def go(cfg: RunConfig) -> None:
-            nodes = len(prepare_experiment(cfg, progress=False).split.train)
-            simulate(cfg, nodes, echo=lambda line: None)
-        return self._run(name, cfg, cfg.num_server_rounds, go)
+        return self._run(name, cfg, cfg.num_server_rounds,
+                         lambda cfg: simulate(cfg, self.nodes, echo=lambda line: None))
 
     def centralized(self, name: str, cfg: RunConfig) -> str:
         return self._run(name, cfg, cfg.num_server_rounds * cfg.local_steps,

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from .metrics import rounds_to_target  # noqa: E402
 from .report import available_baselines, curve_plot, fmt, group_plot  # noqa: E402
-from .results import load_results  # noqa: E402
+from .results import best_entry, load_results  # noqa: E402
 
 PAPER = {"fed_rounds": 634, "central_rounds": 1180, "alignment_gain": 0.04}
 TARGETS = (0.95, 0.99)
@@ -35,8 +35,8 @@ def write_reproduction_report(manifest: dict, report: str | Path, command: str) 
     scale = manifest["scale"]
     lines = [
         "# Reproducing PluralLLM's comparison", "",
-        f"Runs by `{manifest.get('command', command)}` ({_minutes(manifest.get('wall_seconds'))} in all, "
-        f"{os.cpu_count()} CPU cores, {platform.machine()}); this report written by `{command}` on "
+        f"Runs by {_invocations(manifest['invocations'])} ({os.cpu_count()} CPU cores, {platform.machine()}); "
+        f"this report written by `{command}` on "
         f"{time.strftime('%Y-%m-%d')} (commit {_commit()}). "
         "Do not edit by hand: rerun the command (complete runs are reused; the report is rewritten).", "",
         f"**Scale `{scale['name']}`**: {scale['rounds']} federated rounds, evaluated every {scale['eval_every']}, "
@@ -97,7 +97,6 @@ def _dataset_section(name: str, plan: dict, scale: dict, figures: Path, root: Pa
              f"{CENTRAL} (compute-matched)": central}
     first = central[0]
     best_central = float(np.mean([r["best"]["alignment"] for r in central]))
-    fedavg = runs["FedAvg"]
     rel = lambda p: os.path.relpath(p, root)  # noqa: E731
 
     out = [f"## {name}", "",
@@ -140,7 +139,7 @@ def _dataset_section(name: str, plan: dict, scale: dict, figures: Path, root: Pa
         if target <= start:
             out.append(f"| every method | {frac:.0%} ({target:.4f}) | reached by the initial model ({start:.4f}): "
                        "uninformative at this scale | | | | |")
-        for label, rs in {**runs, CENTRAL: central}.items():
+        for label, rs in plot_runs.items():
             hits = {x: [rounds_to_target(r["history"], target, x=x) for r in rs] for x in curves}
             reach[label, frac] = hits
             cells = " | ".join(_mean_reached(hits[x]) for x in curves)
@@ -163,12 +162,12 @@ def _dataset_section(name: str, plan: dict, scale: dict, figures: Path, root: Pa
         chosen = " **(chosen)**" if s["mu"] == plan["mu"] else ""
         out.append(f"| {s['mu']:g}{chosen} | {fmt(s['heldback'])} | {fmt(s['heldout'])} |")
     out.append("")
-    out += _ablations(name, plan, figures, rel)
-    return _claims(name, runs, central, rounds, reach, best_central, fedavg), out
+    out += _ablations(name, plan, scale["seeds"][0], figures, rel)
+    return _claims(name, runs["FedAvg"], central, rounds, reach, best_central), out
 
 
-def _claims(name: str, runs: dict, central: list[dict], rounds: int, reach: dict, best_central: float,
-            fedavg: list[dict]) -> list[str]:
+def _claims(name: str, fedavg: list[dict], central: list[dict], rounds: int, reach: dict,
+            best_central: float) -> list[str]:
     rows = []
     for frac, x, what in [(f, x, w) for f in TARGETS for x, w in (("round", "rounds vs epochs (paper's count)"),
                                                                    ("episodes", "at equal work (episodes)"))]:
@@ -179,16 +178,15 @@ def _claims(name: str, runs: dict, central: list[dict], rounds: int, reach: dict
         rows.append(f"| {name}: FedAvg reaches {frac:.0%} of the centralized score sooner, {what} | "
                     "634 vs 1,180 rounds to converge (46% fewer) | "
                     f"{_mean_reached(fed)} vs {_mean_reached(cen)} {_percent_fewer(fed, cen)} | {_verdict(verdicts)} |")
-    matched = [(f["best"]["alignment"], c["best"]["alignment"]) for f, c in zip(fedavg, central)]
-    gains = [f / c - 1 for f, c in matched]
-    rows.append(f"| {name}: better alignment, at equal work (best score) | +4% | {np.mean(gains):+.1%} "
-                f"({np.mean([f for f, _ in matched]):.4f} vs {np.mean([c for _, c in matched]):.4f}) | "
-                f"{_verdict([g > 0 for g in gains])} |")
-    reference = [(f["final"]["alignment"], _until(c, rounds)["final"]["alignment"]) for f, c in zip(fedavg, central)]
-    gains = [f / c - 1 for f, c in reference]
-    rows.append(f"| {name}: better alignment, after {rounds} rounds vs {rounds} epochs | +4% | {np.mean(gains):+.1%} "
-                f"({np.mean([f for f, _ in reference]):.4f} vs {np.mean([c for _, c in reference]):.4f}) | "
-                f"{_verdict([g > 0 for g in gains])} |")
+    for what, pairs in (("at equal work (best score)",
+                         [(f["best"]["alignment"], c["best"]["alignment"]) for f, c in zip(fedavg, central)]),
+                        (f"after {rounds} rounds vs {rounds} epochs",
+                         [(f["final"]["alignment"], _until(c, rounds)["final"]["alignment"])
+                          for f, c in zip(fedavg, central)])):
+        gains = [f / c - 1 for f, c in pairs]
+        rows.append(f"| {name}: better alignment, {what} | +4% | {np.mean(gains):+.1%} "
+                    f"({np.mean([f for f, _ in pairs]):.4f} vs {np.mean([c for _, c in pairs]):.4f}) | "
+                    f"{_verdict([g > 0 for g in gains])} |")
     jain = [(f["final"]["fairness"]["jain"], c["final"]["fairness"]["jain"]) for f, c in zip(fedavg, central)]
     rows.append(f"| {name}: nearly the same fairness (Jain, final, equal work) | \"nearly the same\" | "
                 f"{np.mean([f for f, _ in jain]):.5f} vs {np.mean([c for _, c in jain]):.5f} | "
@@ -202,10 +200,10 @@ def _claims(name: str, runs: dict, central: list[dict], rounds: int, reach: dict
     return rows
 
 
-def _ablations(name: str, plan: dict, figures: Path, rel) -> list[str]:
+def _ablations(name: str, plan: dict, seed: int, figures: Path, rel) -> list[str]:
     if not plan["local_steps"]:
         return []
-    out = ["### Ablations (seed 0, FedAvg unless named)", "", "#### Local steps at equal work", "",
+    out = [f"### Ablations (seed {seed}, FedAvg unless named)", "", "#### Local steps at equal work", "",
            "Every run does the same local steps per client in total (rounds × local steps fixed).", "",
            "| local steps | rounds | final alignment | best alignment | Jain (final) |", "|---|---|---|---|---|"]
     steps_runs = {int(k): load_results(p) for k, p in plan["local_steps"].items()}
@@ -225,9 +223,9 @@ def _ablations(name: str, plan: dict, figures: Path, rel) -> list[str]:
             f"training questions, {differ}.", "",
             "| weighting | final alignment | best alignment | Jain | CoV | worst group |", "|---|---|---|---|---|---|"]
     for weighting, path in plan["weighting"].items():
-        r = load_results(path)["final"]
-        f = r["fairness"]
-        out.append(f"| {weighting} | {fmt(r['alignment'])} | {fmt(load_results(path)['best']['alignment'])} | "
+        run = load_results(path)
+        r, f = run["final"], run["final"]["fairness"]
+        out.append(f"| {weighting} | {fmt(r['alignment'])} | {fmt(run['best']['alignment'])} | "
                    f"{f['jain']:.5f} | {fmt(f['cov'])} | {f['worst_group']} ({fmt(f['worst'])}) |")
     out += ["", "#### Evaluation context size", "",
             "The final models of the main runs, evaluated with k context questions per held-out group "
@@ -273,8 +271,7 @@ def _since_start(run: dict) -> dict:
 def _until(run: dict, last_round: int) -> dict:
     """The run as if it had stopped at `last_round` (the centralized reference view)."""
     history = [e for e in run["history"] if e["round"] <= last_round]
-    best = max(history, key=lambda e: (not math.isnan(e["alignment"]), e["alignment"]))
-    return {**run, "history": history, "final": history[-1], "best": best}
+    return {**run, "history": history, "final": history[-1], "best": best_entry(history)}
 
 
 def _faster(fed: int | None, central: int | None) -> bool | None:
@@ -337,8 +334,9 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _minutes(seconds) -> str:
-    return "?" if seconds is None else f"{seconds / 60:.0f} minutes"
+def _invocations(invocations: list[dict]) -> str:
+    """`cmd` (55 minutes), then `cmd` (0 minutes, reusing the runs), ...: every call that built this reproduction."""
+    return ", then ".join(f"`{i['command']}` ({i['seconds'] / 60:.0f} minutes)" for i in invocations)
 
 
 def _commit() -> str:

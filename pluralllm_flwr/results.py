@@ -63,17 +63,15 @@ class ResultsWriter:
         round_ = int(meta["round"])
         if round_ >= cfg.num_server_rounds:
             raise ValueError(f"{out} already reached round {round_}; raise num-server-rounds to continue it")
-        writer = cls.__new__(cls)
-        writer.out_dir, writer.checkpoint_metadata = out, {k: v for k, v in meta.items() if k not in ("round", "alignment")}
-        writer.results = {**results, "config": cfg.to_mapping(),
-                          "history": [e for e in results["history"] if e["round"] <= round_]}
-        history = writer.history
+        history = [e for e in results["history"] if e["round"] <= round_]
         if not history or history[-1]["round"] != round_:
             raise ValueError(f"cannot resume {out}: results.json has no evaluation at the checkpoint's round {round_}")
-        writer.results["final"] = history[-1]
-        writer.results["best"] = max(history, key=lambda e: (not math.isnan(e["alignment"]), e["alignment"]))
-        writer.started = time.perf_counter() - history[-1]["wall_seconds"]  # wall time continues
-        writer.eval_seconds = history[-1]["wall_seconds"] - history[-1].get("train_seconds", history[-1]["wall_seconds"])
+        writer = cls(out, results["method"], cfg, results["train_groups"], results["eval_groups"], results["baselines"],
+                     checkpoint_metadata={k: v for k, v in meta.items() if k not in ("round", "alignment")})
+        writer.results.update(history=history, final=history[-1], best=best_entry(history))
+        last = history[-1]
+        writer.started -= last["wall_seconds"]  # wall time continues
+        writer.eval_seconds = last["wall_seconds"] - last.get("train_seconds", last["wall_seconds"])
         return writer, state, round_
 
     @property
@@ -160,6 +158,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         return load_file(str(path)), meta
     except Exception as exc:  # safetensors raises its own error type for damaged files
         raise ValueError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
+
+
+def best_entry(history: list[dict]) -> dict:
+    """The first evaluation with the highest alignment (NaN never counts as best), as `record` keeps it."""
+    return max(history, key=lambda e: (not math.isnan(e["alignment"]), e["alignment"]))
 
 
 def _better(a: float, b: float) -> bool:

@@ -73,6 +73,7 @@ def test_smoke_reproduction_writes_every_figure_and_table_and_reuses_its_runs(ti
     assert main(args) == 0
     again = capsys.readouterr().out
     assert "running" not in again and again.count("complete, reused") == printed.count("running ...")
+    assert [i["command"][:19] for i in load_manifest(runs)["invocations"]] == ["pluralllm reproduce"] * 2
     assert main(["reproduce", "--report-only", "--out", str(runs), "--report", str(report)]) == 0
 
 
