@@ -25,7 +25,8 @@ from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_f
                                       sdpa_backward_flop_count, sdpa_flop_count)
 
 from pluralllm_flwr.data import GroupVectors
-from pluralllm_flwr.model import GPOPredictor, ModelConfig
+from pluralllm_flwr.gpo import GPOPredictor
+from pluralllm_flwr.model import ModelConfig
 from pluralllm_flwr.training import Batch, EpisodeSizes, batch_loss, collate, predict, train_steps
 
 DIM = 4096

@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--questions", type=int, default=150)
+    parser.add_argument("--model", default="gpo", help="predictor (the README's figures: gpo on raw vectors)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench-sim-"))
     rows = []
@@ -89,7 +90,8 @@ def main() -> None:
         data = synthetic_goqa(scratch / f"goqa{n}.csv", groups, n_questions=args.questions)
         cfg = RunConfig(data_path=str(data), train_groups=",".join(groups[:-1]), eval_groups=groups[-1],
                         cache_dir=str(scratch / "cache"), num_server_rounds=args.rounds, eval_every=args.rounds,
-                        eval_draws=1, out_dir=str(scratch / f"run{n}"))
+                        eval_draws=1, out_dir=str(scratch / f"run{n}"), model=args.model,
+                        features="raw" if args.model == "gpo" else RunConfig.features)
         prepare_experiment(cfg, progress=False)  # embed once, outside both timings
         with PeakMemory() as base_mem:
             base = in_process_rounds(cfg, args.rounds)

@@ -27,7 +27,7 @@ from .embeddings import group_vectors
 if TYPE_CHECKING:
     from .experiment import Experiment
 
-FORMAT = "pluralllm-bundle-v1"
+FORMAT = "pluralllm-bundle-v2"  # v2: features, unseen questions
 METADATA_KEY = "pluralllm-bundle"
 SUFFIX = ".bundle.safetensors"
 _REBUILD = "write it again with `pluralllm bundle -c \"<the run's run-config>\" --group <name>`"
@@ -47,6 +47,10 @@ class Bundle:
     questions: list[Question]
     indices: list[int]       # each question's position in the prepared run's question list
     vectors: GroupVectors
+    features: str = "raw"    # the option features of the run that wrote it (computed from `vectors`)
+    unseen: frozenset[int] = frozenset()  # run indices of its questions no training group trains on
+    split_seed: int = 0      # the seed the unseen questions were drawn with
+    heldout_questions: float = 0.0
 
     @property
     def dim(self) -> int:
@@ -73,8 +77,10 @@ def write_bundle(exp: "Experiment", group: str, path: str | Path) -> Path:
                "offsets": np.ascontiguousarray(vectors.offsets, np.int64)}
     meta = {"format": FORMAT, "group": group, "dataset": exp.data.dataset, "embedder": exp.cfg.embedder,
             "embedding_dim": exp.table.dim, "prompt_format": exp.table.prompt_format, "sha256": _digest(tensors),
+            "features": exp.cfg.features, "heldout_questions": exp.cfg.heldout_questions, "seed": exp.cfg.seed,
             "questions": [{"key": q.key, "text": q.text, "options": list(q.options),
-                           "ordinal": None if q.ordinal is None else list(q.ordinal), "index": i}
+                           "ordinal": None if q.ordinal is None else list(q.ordinal), "index": i,
+                           "unseen": i in exp.unseen_questions}
                           for i, q in ((i, exp.data.questions[i]) for i in ids)]}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +128,9 @@ def read_bundle(path: str | Path) -> Bundle:
         indices = [int(q["index"]) for q in meta["questions"]]
         group, digest = str(meta["group"]), meta["sha256"]
         bundle = Bundle(path, group, str(meta["dataset"]), str(meta["embedder"]), str(meta["prompt_format"]),
-                        questions, indices, GroupVectors(group, [q.key for q in questions], x, y, offsets))
+                        questions, indices, GroupVectors(group, [q.key for q in questions], x, y, offsets),
+                        str(meta["features"]), frozenset(int(q["index"]) for q in meta["questions"] if q["unseen"]),
+                        int(meta["seed"]), float(meta["heldout_questions"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"bundle {path} lacks or garbles a field ({type(exc).__name__}: {exc}); {_REBUILD}") from None
     if _digest(tensors) != digest:

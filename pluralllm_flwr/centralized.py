@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .data import seeded_rng
-from .experiment import Experiment, prepare_experiment, resolve_device
+from .experiment import Experiment, fmt_gain, prepare_experiment, resolve_device
 from .results import ResultsWriter, out_dir_for
-from .training import train_steps
+from .training import lr_factor, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,12 @@ def train_centralized(cfg: RunConfig, exp: Experiment | None = None, *, compute_
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     groups = [exp.vectors(g, "train") for g in exp.split.train]
     rng = seeded_rng(cfg.seed, method)
+    same_questions = seeded_rng(cfg.seed, method, "questions") if cfg.episode_sampler == "same-questions" else None
     writer = ResultsWriter(out_dir_for(cfg, method), method, cfg, exp.split.train, exp.split.eval,
                            exp.baselines(), checkpoint_metadata=exp.checkpoint_metadata())
 
     def evaluate(step: int, losses: list[float]) -> dict:
-        entry = {"round": step, "gradient_steps": step, "episodes": step * n_clients,
+        entry = {"round": step, "gradient_steps": step, "episodes": step * n_clients * cfg.episodes_per_step,
                  "train_loss": float(np.mean(losses)) if losses else None, **exp.evaluate(model, device)}
         return writer.record(entry, model.state_dict())
 
@@ -49,10 +50,13 @@ def train_centralized(cfg: RunConfig, exp: Experiment | None = None, *, compute_
     losses: list[float] = []
     bar = tqdm(range(1, total + 1), desc=method, unit="step", disable=not progress)
     for step in bar:
-        losses += train_steps(model, optimizer, groups, 1, exp.sizes, rng, device)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = cfg.lr * lr_factor(step - 1, total, cfg.lr_schedule, cfg.warmup_steps)
+        losses += train_steps(model, optimizer, groups, 1, exp.sizes, rng, device, same_questions=same_questions,
+                              episodes_per_step=cfg.episodes_per_step)
         if step % every == 0 or step == total or (step <= cfg.num_server_rounds and step % cfg.eval_every == 0):
             entry = evaluate(step, losses)
-            bar.set_postfix(alignment=f"{entry['alignment']:.4f}", loss=f"{entry['train_loss']:.3f}")
+            bar.set_postfix(alignment=f"{entry['alignment']:.4f}", gain=fmt_gain(entry), loss=f"{entry['train_loss']:.3f}")
             losses = []
     return writer
 

@@ -54,16 +54,24 @@ def _run_config_arg(parser: argparse.ArgumentParser) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from .embeddings import embed_questions
+    from .features import FEATURES, option_features, separation
 
     cfg = RunConfig(dataset=args.dataset, data_path=args.path, cache_dir=args.cache_dir)
     data = D.load_dataset(cfg)
-    _, info = embed_questions(data.questions, args.model, cache_dir=cfg.cache_path, device=args.device,
-                              dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
+    table, info = embed_questions(data.questions, args.model, cache_dir=cfg.cache_path, device=args.device,
+                                  dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
+    info["separation"] = {name: separation(option_features(table, name)) for name in FEATURES}
     if args.json:
         print(json.dumps(info))
-    else:
-        print(f"{info['vectors']} vectors of {info['dim']} dimensions from {info['model']} "
-              f"({'cache hit' if info['cached'] else 'computed'}, {info['seconds']:.1f} s): {info['cache_file']}")
+        return 0
+    print(f"{info['vectors']} vectors of {info['dim']} dimensions from {info['model']} "
+          f"({'cache hit' if info['cached'] else 'computed'}, {info['seconds']:.1f} s): {info['cache_file']}")
+    print("how well each run-config `features` tells a question's options apart (lower within-question cosine "
+          "and a larger within-question share of the variance separate them better):")
+    for name, sep in info["separation"].items():
+        print(f"  {name:<26} within-question cosine {sep['within_question_cosine']:.3f}, between questions "
+              f"{sep['between_question_cosine']:.3f}, within-question share of variance "
+              f"{sep['within_question_variance_share']:.1%}")
     return 0
 
 
@@ -178,7 +186,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     """The paper's comparison and the ablations (reproduce.py), then the report (reproduction_report.py)."""
     from dataclasses import replace
 
-    from .reproduce import SCALES, load_manifest, reproduce
+    from flwr.common.config import parse_config_args
+
+    from .reproduce import PAPER_PREDICTOR, SCALES, load_manifest, reproduce
     from .reproduction_report import write_reproduction_report
 
     scale = SCALES[args.scale]
@@ -193,7 +203,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         datasets = dict(_dataset_spec(s) for s in args.dataset or [])
         if not datasets:
             raise ConfigError("name the datasets: --dataset opinionqa=PATH/human_resp and/or --dataset globalopinionqa[=CSV]")
-        manifest = reproduce(datasets, scale, _run_config(args), out, echo=lambda line: print(line, flush=True),
+        # The paper's predictor on its raw embeddings, unless -c names another model or features.
+        paper = RunConfig.from_mapping({**PAPER_PREDICTOR, **parse_config_args(args.run_config)})
+        manifest = reproduce(datasets, scale, paper, out, echo=lambda line: print(line, flush=True),
                              command=command)
     report = args.report or (out / "results.md" if scale.name == "smoke" else "docs/results.md")
     print(f"report: {write_reproduction_report(manifest, report, command)}")
@@ -221,11 +233,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def _print_outcome(results: dict, out_dir: Path) -> None:
-    from .experiment import baseline_summary
+    from .experiment import baseline_summary, fmt_gain
 
     final, best = results["final"], results["best"]
     print(f"{results['method']}: final held-out alignment {final['alignment']:.4f} (round {final['round']}), "
-          f"best {best['alignment']:.4f} (round {best['round']}); baselines: {baseline_summary(results['baselines'])}"
+          f"conditioning gain {fmt_gain(final)}, best {best['alignment']:.4f} (round {best['round']}); "
+          f"baselines: {baseline_summary(results['baselines'])}"
           f"\nresults: {out_dir}")
 
 

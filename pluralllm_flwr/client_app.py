@@ -22,7 +22,7 @@ from .config import ConfigError, RunConfig
 from .data import GroupSplit, seeded_rng
 from .experiment import Experiment, bundle_experiment, prepare_experiment, resolve_device
 from .strategies import HOSTS_QUERY, UNIT_WEIGHT
-from .model import GPOPredictor
+from .model import Predictor
 from .training import predict, train_steps
 from .metrics import alignment, mean_excluding_nan
 
@@ -63,7 +63,7 @@ def _setup(context: Context) -> tuple[RunConfig, Experiment, list[str]]:
     return cfg, exp, exp.split.train[pid::n]
 
 
-def _receive(msg: Message, context: Context) -> tuple[RunConfig, Experiment, str, GPOPredictor, str]:
+def _receive(msg: Message, context: Context) -> tuple[RunConfig, Experiment, str, Predictor, str]:
     """What a train or evaluate message needs: the run, the message's group (which this node must
     host) and the global model on the device."""
     cfg, exp, hosted = _setup(context)
@@ -99,8 +99,11 @@ def train(msg: Message, context: Context) -> Message:
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
     vectors = exp.vectors(group, "train")
     steps = int(config["local-steps"])
-    rng = seeded_rng(cfg.seed, "train", group, int(config["server-round"]))
-    losses = train_steps(model, optimizer, [vectors], steps, exp.sizes, rng, device, proximal_mu=mu, anchor=anchor)
+    server_round = int(config["server-round"])
+    rng = seeded_rng(cfg.seed, "train", group, server_round)
+    shared = seeded_rng(cfg.seed, "questions", server_round) if cfg.episode_sampler == "same-questions" else None
+    losses = train_steps(model, optimizer, [vectors], steps, exp.sizes, rng, device, proximal_mu=mu, anchor=anchor,
+                         same_questions=shared, episodes_per_step=cfg.episodes_per_step)
     metrics = MetricRecord({"train-loss": float(np.mean(losses)), "num-examples": vectors.num_questions,
                             UNIT_WEIGHT: 1, "local-steps": steps})
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)

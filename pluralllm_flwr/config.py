@@ -18,6 +18,10 @@ STRATEGIES = ("fedavg", "fedprox", "fedmedian")
 WEIGHTINGS = ("num-examples", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
 DP_MODES = ("none", "client", "server")
+MODELS = ("gpo", "mixture", "residual")          # predictors.ARCHITECTURES (a test keeps them equal)
+FEATURES = ("raw", "question-option", "question-option-position")  # features.FEATURES (likewise)
+SAMPLERS = ("independent", "same-questions")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
@@ -36,9 +40,11 @@ class RunConfig:
     common_questions: bool = True     # keep only questions every selected group answered (the authors' protocol)
     heldback_fraction: float = 0.2    # share of each training group's questions kept back for its own evaluation
     max_questions: int = 0            # 0 = all; else a seeded random subset of this many questions (quick runs)
+    heldout_questions: float = 0.0    # seeded share of questions no training group trains on (scored apart)
     eval_bundles: str = ""            # deployment server: comma-separated absolute paths of the held-out groups' bundles
     # embeddings
     embedder: str = "minilm"
+    features: str = "question-option-position"  # what the predictor reads per option (features.py)
     cache_dir: str = ""               # "" = ~/.cache/pluralllm
     # run
     out_dir: str = ""                 # "" = runs/<timestamp> under the current directory
@@ -47,7 +53,8 @@ class RunConfig:
     # federated schedule
     num_server_rounds: int = 1000
     local_steps: int = 6
-    lr: float = 3e-4
+    episodes_per_step: int = 1        # episodes of each group in one gradient step's batch
+    lr: float = 3e-3
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
     weighting: str = "num-examples"
@@ -63,7 +70,13 @@ class RunConfig:
     max_context: int = 100
     min_target: int = 10
     max_target: int = 100
-    # model (GPO's defaults)
+    # model
+    model: str = "mixture"            # gpo (the paper's) | mixture | residual
+    prototypes: int = 16              # mixture: prototype answer heads
+    inference_steps: int = 10         # mixture: EM steps fitting a group's weights to its context
+    episode_sampler: str = "independent"  # or "same-questions" (GPO's: one question order for every group of a step)
+    lr_schedule: str = "cosine"       # or "constant"; cosine decays over all steps/rounds after warmup-steps
+    warmup_steps: int = 0
     d_model: int = 128
     embed_depth: int = 4
     num_layers: int = 6
@@ -81,9 +94,18 @@ class RunConfig:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         _check_choice("device", self.device, DEVICES)
+        _check_choice("model", self.model, MODELS)
+        _check_choice("features", self.features, FEATURES)
+        _check_choice("episode_sampler", self.episode_sampler, SAMPLERS)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.prototypes < 1 or self.inference_steps < 0 or self.warmup_steps < 0:
+            raise ConfigError(f"run-config needs prototypes >= 1, inference-steps >= 0 and warmup-steps >= 0, got "
+                              f"{self.prototypes}, {self.inference_steps}, {self.warmup_steps}")
+        if not 0 <= self.heldout_questions < 1:
+            raise ConfigError(f"run-config 'heldout-questions' must be in [0, 1), got {self.heldout_questions}")
         if self.embed_depth < 2:
             raise ConfigError(f"run-config 'embed-depth' must be at least 2 (input and output layer), got {self.embed_depth}")
-        for key in ("num_server_rounds", "local_steps", "eval_every", "eval_context", "eval_draws",
+        for key in ("num_server_rounds", "local_steps", "episodes_per_step", "eval_every", "eval_context", "eval_draws",
                     "min_context", "min_target", "d_model", "num_layers", "num_heads", "dim_feedforward"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"run-config '{_kebab(key)}' must be at least 1, got {getattr(self, key)}")

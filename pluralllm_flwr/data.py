@@ -393,6 +393,13 @@ def heldback_split(question_ids: list[int], fraction: float, seed: int, group: s
     return sorted(ids[n_back:].tolist()), sorted(ids[:n_back].tolist())
 
 
+def unseen_question_ids(n_questions: int, fraction: float, seed: int) -> list[int]:
+    """The run's unseen questions (run-config heldout-questions): a seeded share of the question
+    indices that no training group trains on, the same on every node and the server."""
+    n = int(round(fraction * n_questions))
+    return sorted(seeded_rng(seed, "heldout-questions").choice(n_questions, size=n, replace=False).tolist()) if n else []
+
+
 def seeded_rng(seed: int, *stream: int | str) -> np.random.Generator:
     """An independent, reproducible random stream for (seed, group, round, ...): the same names give
     the same stream in every process, whatever the order in which groups are visited."""

@@ -57,6 +57,7 @@ class EmbeddingTable:
     keys: list[str]
     vectors: np.ndarray   # float32 [total options, dim]
     offsets: np.ndarray   # int64 [n_questions + 1]
+    features: str = "raw"  # what the vectors are: the embeddings ("raw") or features.option_features of them
 
     def check_matches(self, questions: Sequence[Question]) -> None:
         """Raise unless this table was built for exactly these questions (keys and option counts)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,10 +18,13 @@ from .bundle import Bundle, BundleError, read_bundle
 from .config import ConfigError, RunConfig
 from .data import GroupVectors, PreferenceData, Question
 from .embeddings import EmbeddingTable, embed_questions, group_vectors
-from .metrics import (alignment_w1, fairness, js_metric, mean_excluding_nan, score_baseline, train_mean_baseline,
-                      uniform_prediction)
-from .model import GPOPredictor, ModelConfig
-from .training import EpisodeSizes, evaluate_group
+from .features import option_features
+from .evaluation import HeldOutGroup, evaluate_baselines, evaluate_model
+from .metrics import OrdinalW1, QuestionMetric, js_metric, train_mean_baseline
+from .model import ModelConfig, Predictor
+from .predictors import build_predictor
+from .results import BASELINE_NAMES
+from .training import EpisodeSizes, draw_contexts
 
 log = logging.getLogger(__name__)
 
@@ -34,113 +36,126 @@ class Experiment:
     split: D.GroupSplit
     table: EmbeddingTable
     embed_info: dict
+    unseen: frozenset[int] | None = None   # given by bundles; else drawn from run-config heldout-questions
     _vectors: dict = field(default_factory=dict, init=False, repr=False)
 
     def question_ids(self, group: str, part: str = "all") -> list[int]:
-        """A group's questions: "all", or for a training group its "train" or "heldback" part."""
+        """A group's questions: "all"; "seen" (all but the run's unseen questions) and "unseen"; for a
+        training group its "train" or "heldback" part of the seen ones."""
         ids = sorted(self.data.answers[group])
         if part == "all":
             return ids
-        train, back = D.heldback_split(ids, self.cfg.heldback_fraction, self.cfg.seed, group)
+        if part in ("seen", "unseen"):
+            return [i for i in ids if (i in self.unseen_questions) == (part == "unseen")]
+        seen = [i for i in ids if i not in self.unseen_questions]
+        train, back = D.heldback_split(seen, self.cfg.heldback_fraction, self.cfg.seed, group)
         return train if part == "train" else back
+
+    @cached_property
+    def unseen_questions(self) -> frozenset[int]:
+        """Questions no training group trains on (run-config heldout-questions), by their run index."""
+        if self.unseen is not None:
+            return self.unseen
+        return frozenset(D.unseen_question_ids(len(self.data.questions), self.cfg.heldout_questions, self.cfg.seed))
 
     def vectors(self, group: str, part: str = "all") -> GroupVectors:
         """Built once per (group, part): a client process asks for the same vectors every round."""
         if (group, part) not in self._vectors:
-            self._vectors[group, part] = group_vectors(self.data, self.table, group, self.question_ids(group, part))
+            self._vectors[group, part] = group_vectors(self.data, self.features, group, self.question_ids(group, part))
         return self._vectors[group, part]
 
     @cached_property
-    def eval_vectors(self) -> dict[str, GroupVectors]:
-        return {g: self.vectors(g) for g in self.split.eval}
+    def features(self) -> EmbeddingTable:
+        """What the predictor reads per option: run-config `features` of the embeddings in `table`.
+        Each question's features depend on its own vectors only, so a SuperNode computes from its
+        bundle exactly what the server computes from the whole table."""
+        return option_features(self.table, self.cfg.features)
+
+    @cached_property
+    def heldout(self) -> list[HeldOutGroup]:
+        """Every held-out group's evaluation material: seen and unseen questions, seeded context draws."""
+        out = []
+        for g in self.split.eval:
+            seen = self.vectors(g, "seen")
+            if seen.num_questions <= self.cfg.eval_context:
+                raise D.DataError(f"held-out group {g!r} has {seen.num_questions} questions outside the unseen ones, "
+                                  f"but evaluation needs more than eval-context={self.cfg.eval_context}; lower "
+                                  "heldout-questions or eval-context")
+            seed = int(D.seeded_rng(self.cfg.seed, "eval", g).integers(2**31))  # own draws per group
+            unseen = self.vectors(g, "unseen") if self.unseen_questions else None
+            out.append(HeldOutGroup(g, seen, unseen, seed,
+                                    draw_contexts(seen.num_questions, self.cfg.eval_context, self.cfg.eval_draws, seed)))
+        return out
 
     @property
     def sizes(self) -> EpisodeSizes:
         c = self.cfg
         return EpisodeSizes(c.min_context, c.max_context, c.min_target, c.max_target)
 
-    @property
+    @cached_property
     def metrics(self) -> dict:
         """The scores every evaluation reports: JS alignment always; GPO's W1 score as well where
         questions have ordinal options (OpinionQA) — NaN, so excluded and counted, for the others."""
-        metrics = {"alignment": js_metric}
+        metrics: dict[str, QuestionMetric] = {"alignment": js_metric}
         ordinal = {q.key: q.ordinal for q in self.data.questions if q.ordinal and len(set(q.ordinal)) > 1}
         if ordinal:
-            def w1(key: str, predicted: np.ndarray, true: np.ndarray) -> float:
-                return alignment_w1(predicted, true, ordinal[key]) if key in ordinal else math.nan
-            metrics["alignment_w1"] = w1
+            metrics["alignment_w1"] = OrdinalW1(ordinal)
         return metrics
 
     @property
     def model_config(self) -> ModelConfig:
         c = self.cfg
-        return ModelConfig(input_dim=self.table.dim, d_model=c.d_model, embed_depth=c.embed_depth,
-                           num_layers=c.num_layers, num_heads=c.num_heads, dim_feedforward=c.dim_feedforward)
+        return ModelConfig(input_dim=self.features.dim, architecture=c.model, d_model=c.d_model,
+                           embed_depth=c.embed_depth, num_layers=c.num_layers, num_heads=c.num_heads,
+                           dim_feedforward=c.dim_feedforward, prototypes=c.prototypes,
+                           inference_steps=c.inference_steps)
 
-    def build_model(self) -> GPOPredictor:
+    def build_model(self) -> Predictor:
         """The predictor with seeded initial weights (same seed, same start for every method)."""
-        torch.manual_seed(self.cfg.seed)
-        return GPOPredictor(self.model_config)
+        return build_predictor(self.model_config, seed=self.cfg.seed)
 
     def checkpoint_metadata(self) -> dict:
-        """What a checkpoint carries to describe itself (model, embedder, prompt, data, groups)."""
+        """What a checkpoint carries to describe itself (the model config, which names the
+        architecture; embedder, features, prompt, data, groups)."""
         return {"model_config": dataclasses.asdict(self.model_config), "embedder": self.cfg.embedder,
-                "embedding_dim": self.table.dim, "prompt_format": self.table.prompt_format,
+                "embedding_dim": self.table.dim, "features": self.cfg.features, "prompt_format": self.table.prompt_format,
                 "dataset": self.cfg.dataset, "train_groups": self.split.train, "eval_groups": self.split.eval}
 
-    def evaluate(self, model: GPOPredictor, device: str) -> dict:
-        """Few-shot evaluation on every held-out group: pooled score over all (group, question)
-        pairs, per-group scores and fairness across groups (a history entry, minus round/steps).
-        `eval_seconds` lets the results tell training time from evaluation time."""
+    def evaluate(self, model: Predictor, device: str) -> dict:
+        """Few-shot evaluation on every held-out group (`evaluation.evaluate_model`): a history entry,
+        minus round/steps. `eval_seconds` lets the results tell training time from evaluation time."""
         started = time.perf_counter()
-        entry: dict = {}
-        for name, metric in self.metrics.items():
-            per_group, pooled, nan_excluded = {}, [], 0
-            for group, vectors in self.eval_vectors.items():
-                seed = int(D.seeded_rng(self.cfg.seed, "eval", group).integers(2**31))  # own draws per group
-                res = evaluate_group(model, vectors, self.cfg.eval_context, self.cfg.eval_draws,
-                                     seed=seed, device=device, metric=metric)
-                per_group[group] = res["alignment"]
-                pooled += list(res["per_question"].values())
-                nan_excluded += res["nan_excluded"]
-            prefix = "" if name == "alignment" else name + "_"
-            entry[name] = mean_excluding_nan(pooled)[0]
-            entry[prefix + "per_group"] = per_group
-            entry[prefix + "fairness"] = fairness(per_group)
-            entry[prefix + "nan_excluded"] = nan_excluded
+        entry = evaluate_model(model, self.heldout, self.metrics, device)
         entry["eval_seconds"] = round(time.perf_counter() - started, 3)
         return entry
 
     def baselines(self) -> dict:
-        """Uniform, and the training groups' mean answer per question, scored on the held-out groups.
-        The second needs the training groups' answers: where this run does not hold them (a
-        deployment's server has only the held-out groups' bundles) it is null, with the reason."""
-        keys = [q.key for q in self.data.questions]
+        """The baselines on the model's own draws (`evaluation.evaluate_baselines`). All but uniform
+        need the training groups' answers: where this run does not hold them (a deployment's server
+        has only the held-out groups' bundles) they are null, with the reason."""
         n_options = {q.key: len(q.options) for q in self.data.questions}
-        truths = {g: {keys[q]: d for q, d in self.data.answers[g].items()} for g in self.split.eval}
-        uniform = {k: uniform_prediction(n) for k, n in n_options.items()}
-        scored = score_baseline(uniform, truths, self.metrics["alignment"])
-        out = {"uniform": {"alignment": scored["pooled"], "per_group": scored["per_group"]}}
-        absent = [g for g in self.split.train if g not in self.data.answers]
-        if absent:
-            out["train_mean"] = {"alignment": None, "per_group": None, "coverage": None,
-                                 "unavailable": "it needs the training groups' answers, which stay on their "
-                                                "SuperNodes; this server holds only the held-out groups' bundles"}
-            return out
+        if any(g not in self.data.answers for g in self.split.train):
+            return evaluate_baselines(self.heldout, None, None, n_options)
+        keys = [q.key for q in self.data.questions]
         train = [{keys[q]: self.data.answers[g][q] for q in self.question_ids(g, "train")} for g in self.split.train]
-        mean = train_mean_baseline(train, n_options)
-        scored = score_baseline(mean.predictions, truths, self.metrics["alignment"])
-        out["train_mean"] = {"alignment": scored["pooled"], "per_group": scored["per_group"], "coverage": mean.coverage}
-        return out
+        return evaluate_baselines(self.heldout, train, train_mean_baseline(train, n_options), n_options)
 
 
 def baseline_summary(baselines: dict) -> str:
-    """One line for printouts: "uniform 0.9012, train-mean 0.9301 (coverage 100%)", or the reason
-    the train-mean baseline is unavailable."""
-    mean = baselines["train_mean"]
-    text = (f"train-mean {mean['alignment']:.4f} (coverage {mean['coverage']:.0%})" if mean["alignment"] is not None
-            else f"train-mean unavailable ({mean['unavailable']})")
-    return f"uniform {baselines['uniform']['alignment']:.4f}, {text}"
+    """One line for printouts: "uniform 0.8060, train-mean 0.9486, nearest group 0.9469, context
+    mixture 0.9628", or why those needing the training groups' answers are unavailable."""
+    shown = [f"{BASELINE_NAMES.get(n, n)} {b['alignment']:.4f}" for n, b in baselines.items() if b["alignment"] is not None]
+    missing = [BASELINE_NAMES.get(n, n) for n, b in baselines.items() if b["alignment"] is None]
+    if missing:
+        reason = next(b["unavailable"] for b in baselines.values() if b["alignment"] is None)
+        shown.append(f"{', '.join(missing)} unavailable ({reason})")
+    return ", ".join(shown)
+
+
+def fmt_gain(entry: dict) -> str:
+    """An entry's conditioning gain for one-line printouts ("+0.0123", or "n/a" where it does not apply)."""
+    gain = entry.get("conditioning_gain")
+    return "n/a" if gain is None else f"{gain:+.4f}"
 
 
 def prepare_experiment(cfg: RunConfig, progress: bool = True) -> Experiment:
@@ -178,6 +193,15 @@ def bundle_experiment(cfg: RunConfig, bundles: list[Bundle], split: D.GroupSplit
             raise BundleError(f"bundle {b.path} holds {b.dataset} embedded with {b.embedder!r}, but the run-config "
                               f"says dataset={cfg.dataset!r} embedder={cfg.embedder!r}; rebuild the bundle with the "
                               "run's run-config (`pluralllm bundle -c ...`) or run with the bundle's settings")
+        settings = {"features": (b.features, cfg.features),
+                    "heldout-questions": (b.heldout_questions, cfg.heldout_questions)}
+        if b.heldout_questions:
+            settings["seed"] = (b.split_seed, cfg.seed)
+        wrong = {k: v for k, v in settings.items() if v[0] != v[1]}
+        if wrong:
+            raise BundleError(f"bundle {b.path} was written for " + ", ".join(f"{k}={v[0]!r}" for k, v in wrong.items())
+                              + " but the run-config says " + ", ".join(f"{k}={v[1]!r}" for k, v in wrong.items())
+                              + "; rebuild the bundle with the run's run-config (`pluralllm bundle -c ...`)")
         if (b.prompt_format, b.dim) != (first.prompt_format, first.dim):
             raise BundleError(f"bundles {first.path} and {b.path} differ in prompt format or embedding size; "
                               "build every bundle of a run with the same run-config")
@@ -199,7 +223,8 @@ def bundle_experiment(cfg: RunConfig, bundles: list[Bundle], split: D.GroupSplit
     offsets = np.concatenate([[0], np.cumsum([len(q.options) for q in questions])]).astype(np.int64)
     table = EmbeddingTable(first.embedder, first.dim, first.prompt_format, [q.key for q in questions],
                            np.concatenate([by_index[i][1] for i in order]), offsets)
-    return Experiment(cfg, data, split, table, {"bundles": [str(b.path) for b in bundles]})
+    unseen = frozenset(position[i] for b in bundles for i in b.unseen)
+    return Experiment(cfg, data, split, table, {"bundles": [str(b.path) for b in bundles]}, unseen)
 
 
 def _deployment_split(cfg: RunConfig, bundles: list[Bundle]) -> D.GroupSplit:

@@ -1,4 +1,4 @@
-"""Alignment scores, fairness across groups, convergence speed and the two reference baselines.
+"""Alignment scores, fairness across groups, convergence speed and the baselines' predictions.
 
 Plain numpy/scipy on plain dicts (question key -> distribution), so reports and strategies can use
 it without the model or the data layer. A score that cannot be computed is NaN: aggregations skip
@@ -64,23 +64,6 @@ def alignment_w1(p: Sequence[float], q: Sequence[float], ordinal: Sequence[float
 def js_metric(key: str, predicted: np.ndarray, true: np.ndarray) -> float:
     """`alignment` as a QuestionMetric (the key is not needed)."""
     return alignment(predicted, true)
-
-
-def make_metric(name: str, ordinal: Mapping[str, Sequence[float]] | None = None) -> QuestionMetric:
-    """The QuestionMetric called `name`: "js" (GlobalOpinionQA) or "w1" (OpinionQA, needs each
-    question's ordinal option positions)."""
-    if name == "js":
-        return js_metric
-    if name == "w1":
-        if ordinal is None:
-            raise ValueError('metric "w1" needs ordinal positions per question key')
-
-        def w1_metric(key: str, predicted: np.ndarray, true: np.ndarray) -> float:
-            if ordinal.get(key) is None:
-                raise ValueError(f"question {key!r} has no ordinal positions; W1 needs ordered options")
-            return alignment_w1(predicted, true, ordinal[key])
-        return w1_metric
-    raise ValueError(f'unknown metric {name!r}; use "js" or "w1"')
 
 
 def mean_excluding_nan(values: Iterable[float]) -> tuple[float, int]:
@@ -149,17 +132,111 @@ def train_mean_baseline(train_answers: Iterable[Mapping[str, np.ndarray]],
     return MeanBaseline(predictions, covered / len(n_options) if n_options else math.nan)
 
 
-def score_baseline(predictions: Mapping[str, np.ndarray], truths: Mapping[str, Mapping[str, np.ndarray]],
-                   metric: QuestionMetric = js_metric) -> dict:
-    """Score one prediction per question key against each group's truth (group -> key -> dist):
-    the per-group mean, the pooled mean over all (group, question) pairs, and the NaNs skipped."""
-    per_group, pooled = {}, []
-    for group, answers in truths.items():
-        missing = [k for k in answers if k not in predictions]
-        if missing:
-            raise ValueError(f"no prediction for {len(missing)} questions of group {group!r}, e.g. {missing[:3]}")
-        scores = [metric(k, predictions[k], dist) for k, dist in answers.items()]
-        per_group[group] = mean_excluding_nan(scores)[0]
-        pooled += scores
-    mean, nan_excluded = mean_excluding_nan(pooled)
-    return {"per_group": per_group, "pooled": mean, "nan_excluded": nan_excluded, "n_pairs": len(pooled)}
+def alignments(predicted: Sequence[np.ndarray], true: Sequence[np.ndarray]) -> np.ndarray:
+    """`alignment` of many (predicted, true) pairs at once, equal to it pair by pair (a test): the
+    distributions are zero-padded to a common length, which changes no JS distance."""
+    if len(predicted) != len(true):
+        raise ValueError(f"{len(predicted)} predictions for {len(true)} true distributions")
+    if not len(true):
+        return np.zeros(0)
+    lengths = np.fromiter((len(t) for t in true), np.int64, len(true))
+    if not np.array_equal(lengths, np.fromiter((len(p) for p in predicted), np.int64, len(true))):
+        raise ValueError("each predicted distribution must have as many values as its true distribution")
+    flat_p = np.concatenate([np.asarray(p, np.float64).ravel() for p in predicted])
+    flat_q = np.concatenate([np.asarray(q, np.float64).ravel() for q in true])
+    if (flat_p < 0).any() or (flat_q < 0).any():
+        raise ValueError("distributions must be non-negative")
+    rows = np.repeat(np.arange(len(true)), lengths)
+    cols = np.arange(len(flat_q)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    p, q = np.zeros((len(true), lengths.max())), np.zeros((len(true), lengths.max()))
+    p[rows, cols], q[rows, cols] = flat_p, flat_q
+    valid = np.isfinite(p).all(1) & np.isfinite(q).all(1) & (p.sum(1) > 0) & (q.sum(1) > 0)
+    out = np.full(len(true), math.nan)
+    if valid.any():
+        with np.errstate(invalid="ignore"):
+            distance = jensenshannon(p[valid], q[valid], axis=1)
+        out[valid] = 1.0 - np.nan_to_num(distance, nan=0.0)  # NaN = a divergence rounded below 0, as in `alignment`
+    return out
+
+
+def alignments_w1(predicted: Sequence[np.ndarray], true: Sequence[np.ndarray],
+                  ordinals: Sequence[Sequence[float]]) -> np.ndarray:
+    """`alignment_w1` of many pairs at once (equal pair by pair, a test): with the options sorted by
+    position, W1 = Σ |F_p − F_q| · gap between neighbouring positions."""
+    out = np.full(len(true), math.nan)
+    for n in {len(t) for t in true}:  # one vectorised pass per option count
+        idx = [i for i, t in enumerate(true) if len(t) == n]
+        pos = np.asarray([ordinals[i] for i in idx], np.float64)
+        p = np.asarray([predicted[i] for i in idx], np.float64)
+        q = np.asarray([true[i] for i in idx], np.float64)
+        if pos.shape != p.shape or p.shape != q.shape:
+            raise ValueError("each pair needs one ordinal position per option")
+        if (p < 0).any() or (q < 0).any():
+            raise ValueError("distributions must be non-negative")
+        span = pos.max(1) - pos.min(1)
+        if not (span > 0).all():
+            raise ValueError("ordinal positions must span more than one value; W1 needs at least two positions")
+        valid = np.isfinite(p).all(1) & np.isfinite(q).all(1) & (p.sum(1) > 0) & (q.sum(1) > 0)
+        order = np.argsort(pos, 1, kind="stable")
+        pos, p, q = (np.take_along_axis(a, order, 1) for a in (pos, p, q))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cdf = np.cumsum(p / p.sum(1, keepdims=True), 1) - np.cumsum(q / q.sum(1, keepdims=True), 1)
+            w1 = (np.abs(cdf[:, :-1]) * np.diff(pos, axis=1)).sum(1)
+        out[np.asarray(idx)[valid]] = 1.0 - (w1 / span)[valid]
+    return out
+
+
+class OrdinalW1:
+    """GPO's OpinionQA score as a QuestionMetric: `alignment_w1` on the questions that have ordinal
+    positions (key -> positions), NaN (so excluded and counted) on the others; `many` scores a batch."""
+
+    def __init__(self, ordinal: Mapping[str, Sequence[float]]) -> None:
+        self.ordinal = dict(ordinal)
+
+    def __call__(self, key: str, predicted: np.ndarray, true: np.ndarray) -> float:
+        return alignment_w1(predicted, true, self.ordinal[key]) if key in self.ordinal else math.nan
+
+    def many(self, keys: Sequence[str], predicted: Sequence[np.ndarray], true: Sequence[np.ndarray]) -> np.ndarray:
+        out = np.full(len(keys), math.nan)
+        idx = [i for i, k in enumerate(keys) if k in self.ordinal]
+        if idx:
+            out[idx] = alignments_w1([predicted[i] for i in idx], [true[i] for i in idx],
+                                     [self.ordinal[keys[i]] for i in idx])
+        return out
+
+
+def impute_with_mean(answers: Mapping[str, np.ndarray], mean: MeanBaseline) -> dict[str, np.ndarray]:
+    """A training group's answers on every question: its own (normalised) where it has a usable
+    one, the training groups' mean elsewhere (questions it did not answer, or held back)."""
+    out = dict(mean.predictions)
+    for key, dist in answers.items():
+        dist = np.asarray(dist, np.float64)
+        if key in out and _is_distribution(dist):
+            out[key] = dist / dist.sum()
+    return out
+
+
+def nearest_group_prediction(train: Sequence[Mapping[str, np.ndarray]], context: Mapping[str, np.ndarray],
+                             targets: Sequence[str]) -> dict[str, np.ndarray]:
+    """The answers of the training group whose answers on the context questions are closest (mean
+    Jensen–Shannon distance; ties go to the first) to the group's. `train` is complete: every
+    training group's answer for every question (`impute_with_mean`)."""
+    keys = list(context)
+    distances = [float(np.mean(1.0 - alignments([t[k] for k in keys], [context[k] for k in keys]))) for t in train]
+    nearest = train[int(np.argmin(distances))]
+    return {k: nearest[k] for k in targets}
+
+
+def context_mixture_prediction(train: Sequence[Mapping[str, np.ndarray]], context: Mapping[str, np.ndarray],
+                               targets: Sequence[str]) -> dict[str, np.ndarray]:
+    """A non-negative mixture of the training groups fitted to the group's context answers: least
+    squares on the stacked option probabilities (scipy's NNLS), weights renormalised to sum 1
+    (uniform if all are 0), then the same mixture of the training groups' answers on each target."""
+    from scipy.optimize import nnls
+
+    keys = list(context)
+    A = np.stack([np.concatenate([t[k] for k in keys]) for t in train], 1)
+    b = np.concatenate([np.asarray(context[k], np.float64) / np.sum(context[k]) for k in keys])
+    w = nnls(A, b)[0]
+    w = w / w.sum() if w.sum() > 0 else np.full(len(train), 1.0 / len(train))
+    return {k: sum(wi * t[k] for wi, t in zip(w, train)) for k in targets}

@@ -1,10 +1,10 @@
-"""GPO's preference predictor: a transformer neural process over (option embedding, probability) tokens.
+"""What every predictor shares: its configuration, its output and its interface.
 
-A batch holds one episode per item in a padded [B, T] layout: context tokens carry the group's
-probability for their option, target tokens carry 0 and are predicted. Every token attends to the
-context tokens only, so targets never see each other and predicting them together equals predicting
-each alone. Parameter names match GPO's released model (`embedder`, `encoder.layers.i.*` as in
-`nn.TransformerEncoder`, `predictor`), so its checkpoints load and the built-in layer can check ours.
+A predictor reads a padded batch of episodes (`training.Batch`): per item, context tokens carrying
+the group's probability of their option, then target tokens carrying 0, then padding. It returns,
+for every target token, the predicted probability of that option (softmaxed within its question),
+and scores itself with its own training loss. The architectures live in their own modules
+(`gpo.py`, `mixture.py`, `residual.py`); `predictors.py` names them for the run-config.
 """
 from __future__ import annotations
 
@@ -12,26 +12,30 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """GPO's hyper-parameters; `input_dim` is the option-embedding width (384 MiniLM, 4096 Alpaca-7B)."""
+    """`architecture` names the predictor (predictors.ARCHITECTURES); `input_dim` is the width of the
+    option features (384 for MiniLM's raw vectors, 4096 for Alpaca-7B's). The rest are GPO's
+    hyper-parameters, read by the architectures that have such parts, plus the mixture's."""
 
     input_dim: int
+    architecture: str = "gpo"
     d_model: int = 128
     embed_depth: int = 4          # number of Linear layers in the embedder MLP
     num_layers: int = 6
     num_heads: int = 4
     dim_feedforward: int = 128
     dropout: float = 0.0
+    prototypes: int = 16          # mixture: number of prototype answer heads
+    inference_steps: int = 10     # mixture: EM steps fitting a group's weights to its context
 
     def __post_init__(self) -> None:
         problems = []
         if self.input_dim < 1:
-            problems.append(f"input_dim={self.input_dim} must be the embedding width (>= 1)")
+            problems.append(f"input_dim={self.input_dim} must be the feature width (>= 1)")
         if self.d_model < 1 or self.d_model % max(self.num_heads, 1) or self.num_heads < 1:
             problems.append(f"d_model={self.d_model} must be a positive multiple of num_heads={self.num_heads}")
         if self.embed_depth < 2:
@@ -40,63 +44,74 @@ class ModelConfig:
             problems.append(f"num_layers={self.num_layers} and dim_feedforward={self.dim_feedforward} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout} must lie in [0, 1)")
+        if self.prototypes < 1 or self.inference_steps < 0:
+            problems.append(f"prototypes={self.prototypes} must be >= 1 and inference_steps={self.inference_steps} >= 0")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
 
 class Prediction(NamedTuple):
-    """Per-token outputs in the batch's [B, T] layout; both are 0 wherever a token is not a target."""
+    """Per-token outputs in the batch's [B, T] layout, 0 wherever a token is not a target. `log_std`
+    is for predictors with a Gaussian likelihood (GPO) and None for the others."""
 
-    mean: Tensor      # predicted probability of the option, softmaxed within its question
-    log_std: Tensor   # log standard deviation of the Gaussian likelihood
-
-
-class ContextAttentionLayer(nn.TransformerEncoderLayer):
-    """`nn.TransformerEncoderLayer` (post-norm) whose keys and values are the context tokens only.
-
-    Queries are any tokens; keys/values are the first K columns of `h`, of which `key_mask` [B, K]
-    marks the real context tokens. This is the built-in layer with a mask that allows exactly those
-    keys, minus the attention and K/V projections it would spend on keys that are masked out anyway.
-    """
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config.d_model, config.num_heads, config.dim_feedforward, config.dropout,
-                         activation="relu", batch_first=True, norm_first=False)
-
-    def forward(self, queries: Tensor, h: Tensor, key_mask: Tensor) -> Tensor:  # type: ignore[override]
-        x = self.norm1(queries + self._context_attention(queries, h[:, :key_mask.shape[1]], key_mask))
-        return self.norm2(x + self._ff_block(x))
-
-    def _context_attention(self, queries: Tensor, keys: Tensor, key_mask: Tensor) -> Tensor:
-        attn = self.self_attn
-        (B, Q, d), K, H = queries.shape, keys.shape[1], attn.num_heads
-        w, b = attn.in_proj_weight, attn.in_proj_bias
-        q = F.linear(queries, w[:d], b[:d]).view(B, Q, H, d // H).transpose(1, 2)
-        k, v = F.linear(keys, w[d:], b[d:]).view(B, K, 2, H, d // H).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :],
-                                             dropout_p=attn.dropout if self.training else 0.0)
-        return self.dropout1(attn.out_proj(out.transpose(1, 2).reshape(B, Q, d)))
+    mean: Tensor                  # predicted probability of the option, softmaxed within its question
+    log_std: Tensor | None = None
 
 
-class ContextEncoder(nn.Module):
-    """A stack of `ContextAttentionLayer`s; named like `nn.TransformerEncoder` (`layers.i.*`)."""
+class Predictor(nn.Module):
+    """The interface of every architecture: `forward` predicts, `loss` is what training minimises.
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(ContextAttentionLayer(config) for _ in range(config.num_layers))
+    forward(x [B,T,D] float, y_in [B,T] (0 on targets), is_context / is_target [B,T] bool,
+    segment [B,T] int: equal ids = same question, unique across the batch, -1 on padding)."""
 
-    def forward(self, h: Tensor, is_context: Tensor, is_target: Tensor) -> Tensor:
-        """The last layer's output for the target tokens, [n_targets, d] in `is_target.nonzero()`
-        order. Nothing reads the context tokens' last-layer output, so that layer only takes the
-        targets as queries (gathered to [B, max targets per item])."""
-        key_mask = context_keys(is_context)
-        for layer in self.layers[:-1]:
-            h = layer(h, h, key_mask)
-        n_targets = is_target.sum(1)
-        columns = torch.sort((~is_target).to(torch.uint8), dim=1, stable=True).indices[:, :int(n_targets.max())]
-        targets = h.gather(1, columns.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        out = self.layers[-1](targets, h, key_mask)
-        return out[torch.arange(columns.shape[1], device=h.device) < n_targets[:, None]]
+    config: ModelConfig
+
+    def forward(self, x: Tensor, y_in: Tensor, is_context: Tensor, is_target: Tensor,
+                segment: Tensor) -> Prediction:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def loss(self, pred: Prediction, y_true: Tensor, is_target: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.config.input_dim:
+            raise ValueError(f"inputs are {x.shape[-1]}-d but the model expects input_dim={self.config.input_dim}; "
+                             "build ModelConfig with the features' width")
+
+
+def option_mlp(config: ModelConfig, out: int) -> nn.Sequential:
+    """An MLP from option features to `out` values per option: embed-depth Linear layers, ReLU between."""
+    d = config.d_model
+    layers: list[nn.Module] = [nn.Linear(config.input_dim, d), nn.ReLU()]
+    for _ in range(config.embed_depth - 2):
+        layers += [nn.Linear(d, d), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(d, out))
+
+
+def segment_ids(segment: Tensor) -> tuple[Tensor, int]:
+    """Dense ids 0..n-1 for a flat vector of question ids, and n."""
+    _, seg = torch.unique(segment, return_inverse=True)
+    return seg, (int(seg.max()) + 1 if seg.numel() else 0)
+
+
+def segment_softmax(logits: Tensor, segment: Tensor) -> Tensor:
+    """Softmax within each segment (equal ids = same question), without loops. `logits` is flat [N]
+    or [N, K] (K independent softmaxes per token, e.g. one per prototype)."""
+    seg, n = segment_ids(segment)
+    shape = (n,) + tuple(logits.shape[1:])
+    index = seg.view(-1, *([1] * (logits.ndim - 1))).expand_as(logits)
+    top = logits.new_full(shape, float("-inf")).scatter_reduce(0, index, logits.detach(), "amax")
+    e = (logits - top[seg]).exp()
+    return e / e.new_zeros(shape).index_add(0, seg, e)[seg]
+
+
+def cross_entropy(pred: Prediction, y_true: Tensor, is_target: Tensor) -> Tensor:
+    """−Σ y·log p over the real target tokens, per target question (each question's y sums to 1, so
+    Σ y counts the questions): the KL divergence to the true distributions up to a constant."""
+    if not bool(is_target.any()):
+        raise ValueError("the batch has no target token, so there is nothing to score")
+    y = y_true[is_target]
+    return -(y * pred.mean[is_target].clamp_min(1e-12).log()).sum() / y.sum().clamp_min(1e-12)
 
 
 def context_keys(is_context: Tensor) -> Tensor:
@@ -111,60 +126,3 @@ def context_keys(is_context: Tensor) -> Tensor:
         raise ValueError(f"batch items {empty} have no context token; every episode needs >= 1 context question")
     width = int(is_context.any(0).nonzero().max()) + 1
     return is_context[:, :width]
-
-
-def segment_softmax(logits: Tensor, segment: Tensor) -> Tensor:
-    """Softmax of a flat vector within each segment (equal ids = same question), without loops."""
-    _, seg = torch.unique(segment, return_inverse=True)
-    n = int(seg.max()) + 1 if seg.numel() else 0
-    top = logits.new_full((n,), float("-inf")).scatter_reduce(0, seg, logits.detach(), "amax")
-    e = (logits - top[seg]).exp()
-    return e / e.new_zeros(n).index_add(0, seg, e)[seg]
-
-
-class GPOPredictor(nn.Module):
-    """Maps a padded batch of episodes to a per-target Gaussian over each option's probability."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        d = config.d_model
-        mlp: list[nn.Module] = [nn.Linear(config.input_dim + 1, d), nn.ReLU()]
-        for _ in range(config.embed_depth - 2):
-            mlp += [nn.Linear(d, d), nn.ReLU()]
-        self.embedder = nn.Sequential(*mlp, nn.Linear(d, d))
-        self.encoder = ContextEncoder(config)
-        self.predictor = nn.Sequential(nn.Linear(d, config.dim_feedforward), nn.ReLU(),
-                                       nn.Linear(config.dim_feedforward, 2))
-
-    def embed(self, x: Tensor, y_in: Tensor) -> Tensor:
-        """Embedder MLP on the tokens [x ; y]; the first layer is split so the wide x is never
-        copied into a concatenation (same weights, same result)."""
-        first = self.embedder[0]
-        h = F.linear(x, first.weight[:, :-1], first.bias) + y_in.unsqueeze(-1) * first.weight[:, -1]
-        return self.embedder[1:](h)
-
-    def forward(self, x: Tensor, y_in: Tensor, is_context: Tensor, is_target: Tensor,
-                segment: Tensor) -> Prediction:
-        """x [B,T,D] float, y_in [B,T] (0 on targets), is_context/is_target [B,T] bool, segment [B,T]
-        int (equal ids = same question, unique across the batch). Padding tokens are neither context
-        nor target; they are computed (finite) and then ignored."""
-        if x.shape[-1] != self.config.input_dim:
-            raise ValueError(f"inputs are {x.shape[-1]}-d but the model expects input_dim={self.config.input_dim}; "
-                             "build ModelConfig with the embedder's width")
-        h = self.encoder(self.embed(x, y_in), is_context, is_target)
-        where = is_target.nonzero(as_tuple=True)
-        logits, log_std = self.predictor(h).unbind(-1)
-        zeros = torch.zeros(is_target.shape, dtype=h.dtype, device=h.device)
-        return Prediction(zeros.index_put(where, segment_softmax(logits, segment[where])),
-                          zeros.index_put(where, log_std))
-
-
-def gaussian_nll(pred: Prediction, y_true: Tensor, is_target: Tensor) -> Tensor:
-    """Gaussian negative log-likelihood of the true probabilities, averaged over the real target
-    tokens of the whole batch (GPO sums per item and averages items; a per-token mean does not let
-    episodes with many options dominate and keeps the scale independent of the episode size)."""
-    if not bool(is_target.any()):
-        raise ValueError("the batch has no target token, so there is nothing to score")
-    var = (2.0 * pred.log_std[is_target]).exp()
-    return F.gaussian_nll_loss(pred.mean[is_target], y_true[is_target], var, full=True, reduction="mean")

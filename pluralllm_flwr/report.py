@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # files only: reports are written on headless machines to
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .results import load_results  # noqa: E402
+from .results import BASELINE_NAMES, load_results  # noqa: E402
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "PluralLLM results") -> Path:
@@ -38,6 +38,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
         "alignment_vs_steps.png": curve_plot(by_method, "gradient_steps", "gradient steps (all clients)"),
         "per_group.png": group_plot(by_method),
     }
+    if all(r["final"].get("context_curve") for r in runs):
+        figures["alignment_vs_context.png"] = context_plot(by_method)
     if any("epsilon" in e for run in runs for e in run["history"]):
         figures["alignment_vs_epsilon.png"] = _privacy_plot(runs)
     for name, fig in figures.items():
@@ -90,9 +92,48 @@ def band(runs: list[dict], x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return np.array(common), values.mean(0), values.min(0), values.max(0)
 
 
+BASELINE_STYLES = {"uniform": ("grey", ":"), "train_mean": ("black", "--"), "nearest_group": ("tab:brown", "-."),
+                   "context_mixture": ("tab:red", (0, (5, 1, 1, 1, 1, 1)))}
+
+
 def baseline_lines(ax, baselines: dict) -> None:
-    for (name, value), style in zip(((n, b["alignment"]) for n, b in available_baselines(baselines).items()), (":", "--")):
-        ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"{name} baseline ({value:.3f})")
+    for name, b in available_baselines(baselines).items():
+        color, style = BASELINE_STYLES.get(name, ("grey", ":"))
+        ax.axhline(b["alignment"], color=color, linestyle=style, linewidth=1,
+                   label=f"{BASELINE_NAMES.get(name, name)} baseline ({b['alignment']:.3f})")
+
+
+def focus_limits(values: list[float], baselines: dict) -> tuple[float, float]:
+    """y-limits around the plotted values and the informed baselines (not uniform, far below), so
+    differences of a few thousandths stay visible; the uniform line is then off the plot."""
+    values = [v for v in values if np.isfinite(v)]
+    values += [b["alignment"] for n, b in available_baselines(baselines).items() if n != "uniform"]
+    low, high = min(values), max(values)
+    pad = max(0.002, 0.1 * (high - low))
+    return low - pad, high + pad
+
+
+def context_plot(by_method: dict[str, list[dict]]):
+    """Final alignment against the number of context questions, one line per setting (mean over seeds)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    plotted: list[float] = []
+    for method, runs in sorted(by_method.items()):
+        curves = [r["final"].get("context_curve") for r in runs]
+        if not all(curves):
+            continue
+        sizes = sorted(curves[0], key=int)
+        means = [float(np.mean([c[k] for c in curves])) for k in sizes]
+        ax.plot([int(k) for k in sizes], means, marker="o", label=method)
+        plotted += means
+    baselines = next(iter(by_method.values()))[0]["baselines"]
+    baseline_lines(ax, baselines)
+    ax.set_ylim(*focus_limits(plotted, baselines))
+    ax.set_xscale("log")
+    ax.set_xlabel("context questions of the held-out group")
+    ax.set_ylabel("held-out alignment (1 − JS distance)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
 
 
 def _privacy_plot(runs: list[dict]):
@@ -135,7 +176,7 @@ def group_plot(by_method: dict[str, list[dict]]):
 
 
 def available_baselines(baselines: dict) -> dict:
-    """The baselines that could be computed (a deployment's server cannot compute train-mean)."""
+    """The baselines that could be computed (a deployment's server can compute only uniform)."""
     return {name: b for name, b in baselines.items() if b["alignment"] is not None}
 
 
@@ -149,13 +190,16 @@ def _markdown(title: str, by_method: dict[str, list[dict]], figures: list[str]) 
     first = next(iter(by_method.values()))[0]
     lines = [f"# {title}", "", f"Dataset `{first['dataset']}`, embedder `{first['embedder']}`; "
              f"{len(first['train_groups'])} training groups, held-out groups: {', '.join(first['eval_groups'])}.", "",
-             "| method | runs | final alignment | best alignment (round) | gradient steps | Jain | CoV | worst group |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Conditioning gain: the final model's alignment with each held-out group's own context minus with another "
+             "held-out group's answers to the same context questions (0 = the model ignores the group).", "",
+             "| method | runs | final alignment | conditioning gain | best alignment (round) | gradient steps | Jain | CoV "
+             "| worst group |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, runs in sorted(by_method.items()):
         final = [r["final"] for r in runs]
         best = [r["best"] for r in runs]
         lines.append(
-            f"| {method} | {len(runs)} | {fmt(float(np.mean([f['alignment'] for f in final])))} | "
+            f"| {method} | {len(runs)} | {fmt(float(np.mean([f['alignment'] for f in final])))} | {_mean_gain(final)} | "
             f"{fmt(float(np.mean([b['alignment'] for b in best])))} ({', '.join(str(b['round']) for b in best)}) | "
             f"{final[0]['gradient_steps']} | {fmt(float(np.mean([f['fairness']['jain'] for f in final])))} | "
             f"{fmt(float(np.mean([f['fairness']['cov'] for f in final])))} | "
@@ -163,13 +207,48 @@ def _markdown(title: str, by_method: dict[str, list[dict]], figures: list[str]) 
     for name, base in first["baselines"].items():
         extra = f", coverage {base['coverage']:.0%}" if base.get("coverage") is not None else ""
         extra += f" (unavailable: {base['unavailable']})" if "unavailable" in base else ""
-        lines.append(f"| {name} baseline{extra} | – | {fmt(base['alignment'])} | – | – | – | – | – |")
+        lines.append(f"| {BASELINE_NAMES.get(name, name)} baseline{extra} | – | {fmt(base['alignment'])} | – | – | – | – | – | – |")
     lines += ["", "## Per held-out group (final model; baselines for comparison)", "",
-              "| group | " + " | ".join(sorted(by_method)) + " | " + " | ".join(available_baselines(first["baselines"])) + " |",
+              "| group | " + " | ".join(sorted(by_method)) + " | "
+              + " | ".join(BASELINE_NAMES.get(n, n) for n in available_baselines(first["baselines"])) + " |",
               "|---" * (1 + len(by_method) + len(available_baselines(first["baselines"]))) + "|"]
     for group in first["eval_groups"]:
         cells = [fmt(float(np.mean([r["final"]["per_group"][group] for r in by_method[m]]))) for m in sorted(by_method)]
         cells += [fmt(b["per_group"][group]) for b in available_baselines(first["baselines"]).values()]
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    lines += _context_section(by_method) + _unseen_section(by_method, first["baselines"])
     lines += [""] + [f"![{f}]({f})" for f in figures] + [""]
     return "\n".join(lines)
+
+
+def _mean_gain(entries: list[dict]) -> str:
+    gains = [e.get("conditioning_gain") for e in entries]
+    return "n/a" if any(g is None for g in gains) else f"{np.mean(gains):+.4f}"
+
+
+def _context_section(by_method: dict[str, list[dict]]) -> list[str]:
+    curves = {m: [r["final"].get("context_curve") for r in runs] for m, runs in sorted(by_method.items())}
+    curves = {m: c for m, c in curves.items() if all(c)}
+    if not curves:
+        return []
+    sizes = sorted(next(iter(curves.values()))[0], key=int)
+    lines = ["", "## Alignment against context size (final model)", "",
+             "| method | " + " | ".join(sizes) + " |", "|---" * (1 + len(sizes)) + "|"]
+    for method, cs in curves.items():
+        lines.append(f"| {method} | " + " | ".join(fmt(float(np.mean([c[k] for c in cs]))) for k in sizes) + " |")
+    return lines
+
+
+def _unseen_section(by_method: dict[str, list[dict]], baselines: dict) -> list[str]:
+    rows = {m: [r["final"]["unseen"] for r in runs] for m, runs in sorted(by_method.items())
+            if all("unseen" in r["final"] for r in runs)}
+    if not rows:
+        return []
+    uniform = baselines["uniform"].get("unseen")
+    lines = ["", "## Unseen questions (no training group trained on them; final model)", "",
+             f"Uniform scores {fmt(uniform)} on them; no train-mean exists there.", "",
+             "| method | with the group's context | with an uninformative context | questions |", "|---|---|---|---|"]
+    for method, us in rows.items():
+        lines.append(f"| {method} | {fmt(float(np.mean([u['alignment'] for u in us])))} | "
+                     f"{fmt(float(np.mean([u['no_context'] for u in us])))} | {us[0]['n_questions']} |")
+    return lines

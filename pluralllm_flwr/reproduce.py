@@ -75,6 +75,11 @@ class Plan:
     eval_context: dict[str, dict[str, float]] = field(default_factory=dict)  # run dir -> {context: alignment}
 
 
+# The paper's predictor and optimiser (GPO on its raw embeddings, Adam 3e-4, no schedule): what the
+# reproduction runs unless its run-config overrides name something else.
+PAPER_PREDICTOR = {"model": "gpo", "features": "raw", "lr": 0.0003, "lr-schedule": "constant", "warmup-steps": 0}
+
+
 def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str | Path, echo=print,
               command: str = "") -> dict:
     """Run every missing run of the reproduction and return the manifest (also written to out).
@@ -232,21 +237,28 @@ class _Runner:
                          lambda cfg: train_centralized(cfg, compute_matched=True, progress=False))
 
     def _run(self, name: str, cfg: RunConfig, last_round: int, go) -> str:
-        path = self.out / name / f"seed-{cfg.seed}"
-        cfg = cfg.replace(out_dir=str(path))
         self.count += 1
-        label = f"[{self.count}] {self.out.name}/{name}/seed-{cfg.seed}"
-        if _complete(path, cfg, last_round):
-            self.echo(f"{label}: complete, reused")
-            return str(path)
-        shutil.rmtree(path, ignore_errors=True)  # an interrupted or differently configured run starts over
-        started = time.perf_counter()
-        self.echo(f"{label}: running ...")
-        go(cfg)
-        final = load_results(path)["final"]
-        self.echo(f"{label}: held-out alignment {final['alignment']:.4f} at round {final['round']} "
-                  f"({time.perf_counter() - started:.0f} s)")
+        return run_or_reuse(self.out / name / f"seed-{cfg.seed}", cfg, last_round, go, self.echo,
+                            f"[{self.count}] {self.out.name}/{name}/seed-{cfg.seed}")
+
+
+def run_or_reuse(path: Path, cfg: RunConfig, last_round: int, go, echo, label: str) -> str:
+    """Run `go(cfg)` into `path`, unless a complete run with the same run-config is already there
+    (an interrupted or differently configured one starts over); a line before and after."""
+    cfg = cfg.replace(out_dir=str(path))
+    if _complete(path, cfg, last_round):
+        echo(f"{label}: complete, reused")
         return str(path)
+    shutil.rmtree(path, ignore_errors=True)
+    started = time.perf_counter()
+    echo(f"{label}: running ...")
+    go(cfg)
+    final = load_results(path)["final"]
+    gain = final.get("conditioning_gain")
+    echo(f"{label}: held-out alignment {final['alignment']:.4f}, conditioning gain "
+         f"{'n/a' if gain is None else format(gain, '+.4f')} at round {final['round']} "
+         f"({time.perf_counter() - started:.0f} s)")
+    return str(path)
 
 
 # Settings that may differ without changing a run's numbers.

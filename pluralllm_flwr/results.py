@@ -6,7 +6,11 @@ results.json = {"method", "dataset", "embedder", "seed", "config", "train_groups
 {"unavailable": reason} where the server holds no training group's answers, as in a deployment),
 "history": [{"round", "gradient_steps", "episodes", "wall_seconds", "train_seconds" (wall time minus the
 held-out evaluations, which every method runs alike), "alignment", "per_group",
-"fairness": {"jain", "cov", "worst", ...}, ...}], "best": <entry>, "final": <entry>}
+"fairness": {"jain", "cov", "worst", ...}, "conditioning_gain" (own context minus another held-out group's
+answers to the same context questions, or null where that does not apply), "conditioning": {...},
+"context_curve": {"1": alignment, "5": ..., ...}, "unseen": {...} (with heldout-questions), ...}],
+"best": <entry>, "final": <entry>}; baselines also hold "nearest_group" and "context_mixture"
+(see evaluation.py), null with the reason where the training groups' answers are absent.
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ from .config import RunConfig
 
 RESULTS_FILE, HISTORY_FILE = "results.json", "history.csv"
 BEST_CHECKPOINT, LAST_CHECKPOINT = "best.safetensors", "last.safetensors"
+# The baselines every run records (evaluation.evaluate_baselines), with their printed names.
+BASELINE_NAMES = {"uniform": "uniform", "train_mean": "train-mean", "nearest_group": "nearest group",
+                  "context_mixture": "context mixture"}
 TIMING_FIELDS = ("wall_seconds", "train_seconds", "eval_seconds")  # the only fields that differ between reruns
 
 
@@ -45,7 +52,8 @@ class ResultsWriter:
     @classmethod
     def resume(cls, out_dir: str | Path, cfg: RunConfig) -> tuple["ResultsWriter", dict[str, torch.Tensor], int]:
         """Continue a stopped run: its results up to the last checkpoint, that checkpoint's weights and
-        round. The run's configuration must be the same but for the number of rounds."""
+        round. The run's configuration must be the same but for the number of rounds (which may grow
+        only under a constant learning rate: a schedule depends on the total)."""
         out = Path(out_dir).resolve()
         try:
             results = load_results(out)
@@ -58,6 +66,11 @@ class ResultsWriter:
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if changed:
             raise ValueError(f"cannot resume {out}: run-config differs from the stopped run in {changed}")
+        rounds_before = results["config"].get("num-server-rounds")
+        if cfg.lr_schedule != "constant" and rounds_before != cfg.num_server_rounds:
+            raise ValueError(f"cannot resume {out} to {cfg.num_server_rounds} rounds: its {cfg.lr_schedule} learning-rate "
+                             f"schedule ran over {rounds_before} rounds; resume with num-server-rounds={rounds_before}, "
+                             "or use lr-schedule='constant' for runs that are extended")
         if "round" not in meta:
             raise ValueError(f"cannot resume from {out / LAST_CHECKPOINT}: it records no round")
         round_ = int(meta["round"])
@@ -121,6 +134,10 @@ def history_row(entry: dict) -> dict:
         elif isinstance(value, dict) and key.endswith("per_group"):
             prefix = key[: -len("per_group")]
             row.update({f"{prefix}group:{g}": v for g, v in value.items()})
+        elif key == "context_curve":
+            row.update({f"context_{size}": v for size, v in value.items()})
+        elif key == "unseen":
+            row.update({f"unseen_{k}": v for k, v in value.items()})
     return row
 
 

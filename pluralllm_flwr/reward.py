@@ -29,7 +29,9 @@ from .data import SUM_TOLERANCE, GroupVectors, Question
 from .embeddings import LETTERS, PROMPT_FORMAT, embed_questions
 from .experiment import resolve_device
 from .metrics import alignment
-from .model import GPOPredictor, ModelConfig
+from .features import FEATURES, feature_dim, option_features
+from .model import ModelConfig, Predictor
+from .predictors import ARCHITECTURES, build_predictor
 from .results import load_checkpoint
 from .training import predict
 
@@ -110,13 +112,14 @@ def question_key(text: str, options: Sequence[str]) -> str:
 class GroupRewardModel:
     """A trained predictor plus the embedder its checkpoint was trained with."""
 
-    def __init__(self, model: GPOPredictor, metadata: dict, *, cache_dir: str | Path | None = None,
+    def __init__(self, model: Predictor, metadata: dict, *, cache_dir: str | Path | None = None,
                  device: str = "auto", progress: bool = False) -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.metadata = metadata
         self.embedder: str = metadata["embedder"]
         self.embedding_dim: int = int(metadata["embedding_dim"])
+        self.features: str = metadata.get("features", "raw")  # checkpoints before option features read raw vectors
         self.cache_dir = cache_dir
         self.progress = progress
 
@@ -145,10 +148,14 @@ class GroupRewardModel:
             config = ModelConfig(**meta["model_config"])
         except (TypeError, ValueError) as exc:
             raise RewardModelError(f"checkpoint {path}: bad model_config {meta['model_config']}: {exc}") from None
-        if config.input_dim != int(meta["embedding_dim"]):
-            raise RewardModelError(f"checkpoint {path}: model input_dim {config.input_dim} differs from "
-                                   f"embedding_dim {meta['embedding_dim']} in its own metadata")
-        model = GPOPredictor(config)
+        features = meta.get("features", "raw")
+        if features not in FEATURES or config.architecture not in ARCHITECTURES:
+            raise RewardModelError(f"checkpoint {path} holds architecture {config.architecture!r} on features "
+                                   f"{features!r}; this version knows {sorted(ARCHITECTURES)} and {list(FEATURES)}")
+        if config.input_dim != feature_dim(int(meta["embedding_dim"]), features):
+            raise RewardModelError(f"checkpoint {path}: model input_dim {config.input_dim} differs from the width of "
+                                   f"{features!r} features of its {meta['embedding_dim']}-d embeddings (its own metadata)")
+        model = build_predictor(config)
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
@@ -181,6 +188,7 @@ class GroupRewardModel:
         if table.dim != self.embedding_dim:
             raise RewardModelError(f"embedder {self.embedder!r} now gives {table.dim}-d vectors, but the checkpoint "
                                    f"was trained on {self.embedding_dim}-d ones; it no longer names the same model")
+        table = option_features(table, self.features)
         every = GroupVectors("", table.keys, table.vectors, np.zeros(len(table.vectors), np.float32), table.offsets)
         targets = every.subset([row_of[(q.text, q.options)] for q in questions])
         out = {}

@@ -5,7 +5,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
-from .experiment import baseline_summary, prepare_experiment, resolve_device
+from .experiment import baseline_summary, fmt_gain, prepare_experiment, resolve_device
 from .results import ResultsWriter, out_dir_for
 from .strategies import build_strategy, with_privacy
 
@@ -18,7 +18,8 @@ def main(grid: Grid, context: Context) -> None:
     exp = prepare_experiment(cfg, progress=False)       # also embeds (cached) so clients find the cache
     out_dir = out_dir_for(cfg, cfg.strategy)
     print(f"PluralLLM {cfg.strategy}: {len(exp.split.train)} training groups, {len(exp.split.eval)} held-out "
-          f"groups, {len(exp.data.questions)} questions, embedder {cfg.embedder} ({exp.table.dim}-d); "
+          f"groups, {len(exp.data.questions)} questions, model {cfg.model} on {cfg.features} features of "
+          f"{cfg.embedder} ({exp.table.dim}-d); "
           f"results in {out_dir}", flush=True)
     if cfg.resume:  # continue from the last checkpoint with the run's own round numbers
         writer, state, start_round = ResultsWriter.resume(out_dir, cfg)
@@ -39,5 +40,5 @@ def main(grid: Grid, context: Context) -> None:
                  train_config=ConfigRecord({"lr": cfg.lr, "local-steps": cfg.local_steps}),
                  evaluate_fn=strategy.evaluate_heldout)
     final, best = writer.results["final"], writer.results["best"]
-    print(f"done: final alignment {final['alignment']:.4f} (round {final['round']}), best {best['alignment']:.4f} "
-          f"(round {best['round']}); results in {out_dir}", flush=True)
+    print(f"done: final alignment {final['alignment']:.4f} (round {final['round']}), conditioning gain "
+          f"{fmt_gain(final)}, best {best['alignment']:.4f} (round {best['round']}); results in {out_dir}", flush=True)

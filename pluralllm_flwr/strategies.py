@@ -23,8 +23,9 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant  # fl
 
 from .config import RunConfig
 from .data import seeded_rng
-from .experiment import Experiment
+from .experiment import Experiment, fmt_gain
 from .results import ResultsWriter
+from .training import lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,11 @@ class PluralMixin:
     # Hosts are found first, within round-timeout: Flower's own sampling would wait forever for nodes.
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.discover_hosts(grid, wait=self.cfg.round_timeout)
+        run_round = server_round + self.round_offset
+        c = self.cfg
+        config["lr"] = c.lr * lr_factor(run_round - 1, c.num_server_rounds, c.lr_schedule, c.warmup_steps)
         messages = super().configure_train(server_round, arrays, config, grid)
-        return self._per_group(messages, server_round + self.round_offset, grid, self.cfg.fraction_train)
+        return self._per_group(messages, run_round, grid, self.cfg.fraction_train)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         run_round = server_round + self.round_offset
@@ -190,7 +194,8 @@ class PluralMixin:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         info = self.rounds.get(server_round, {})
         n_train = len(self.exp.split.train)
-        entry = {"round": server_round, "gradient_steps": self.gradient_steps, "episodes": self.gradient_steps,
+        entry = {"round": server_round, "gradient_steps": self.gradient_steps,
+                 "episodes": self.gradient_steps * self.cfg.episodes_per_step,
                  "train_loss": info.get("train_loss"), "clients": info.get("clients", 0 if server_round == 0 else None),
                  "clients_expected": n_train, "client_failures": info.get("failures", 0),
                  "heldback_alignment": self.client_eval.get(server_round),
@@ -204,8 +209,8 @@ class PluralMixin:
         self.writer.record(entry, self.model.state_dict())
         fair = entry["fairness"]
         privacy = f" | epsilon {entry['epsilon']:.2f}" if "epsilon" in entry else ""
-        print(f"[round {server_round:>4}] held-out alignment {entry['alignment']:.4f} | jain {fair['jain']:.4f} "
-              f"| worst {fair['worst']:.4f} ({fair['worst_group']}) | loss "
+        print(f"[round {server_round:>4}] held-out alignment {entry['alignment']:.4f} | gain {fmt_gain(entry)} "
+              f"| jain {fair['jain']:.4f} | worst {fair['worst']:.4f} ({fair['worst_group']}) | loss "
               f"{'-' if entry['train_loss'] is None else format(entry['train_loss'], '.4f')}{privacy} | "
               f"{time.perf_counter() - self.started:.0f}s", flush=True)
         return MetricRecord({"alignment": entry["alignment"], "jain": fair["jain"], "worst": fair["worst"]})

@@ -1,4 +1,4 @@
-"""Episodes, local training steps and few-shot evaluation of the GPO predictor.
+"""Episodes, local training steps and one-pass prediction for every predictor.
 
 One episode = some of a group's questions as context (with the group's answers) and others as
 targets. A training step is one gradient step on a batch holding one episode from every given group:
@@ -6,7 +6,8 @@ a Flower client passes its own group, the centralized trainer passes all trainin
 """
 from __future__ import annotations
 
-from collections import defaultdict
+import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,8 +16,7 @@ import torch
 from torch import Tensor
 
 from .data import GroupVectors
-from .metrics import QuestionMetric, js_metric, mean_excluding_nan
-from .model import GPOPredictor, gaussian_nll
+from .model import Predictor
 
 
 @dataclass(frozen=True)
@@ -33,19 +33,59 @@ class EpisodeSizes:
             raise ValueError(f"invalid EpisodeSizes {self}: need 1 <= min <= max for context and target")
 
 
-def sample_episode(group: GroupVectors, sizes: EpisodeSizes,
-                   rng: np.random.Generator) -> tuple[GroupVectors, GroupVectors]:
-    """(context, targets) from one permutation of the group's questions: a random count in
-    [min, max] of each, capped by what the group has (at least one question is left as a target)."""
+def _episode_questions(group: GroupVectors, sizes: EpisodeSizes) -> int:
+    """The group's number of questions, checked to hold an episode (a context and one target)."""
     n = group.num_questions
     if n < sizes.min_context + 1:
         raise ValueError(f"group {group.group!r} has {n} questions, but an episode needs at least "
                          f"min_context + 1 = {sizes.min_context + 1}; lower min-context or drop the group")
+    return n
+
+
+def sample_episode(group: GroupVectors, sizes: EpisodeSizes,
+                   rng: np.random.Generator) -> tuple[GroupVectors, GroupVectors]:
+    """(context, targets) from one permutation of the group's questions: a random count in
+    [min, max] of each, capped by what the group has (at least one question is left as a target)."""
+    n = _episode_questions(group, sizes)
     order = rng.permutation(n)
     n_context = int(rng.integers(sizes.min_context, min(sizes.max_context, n - 1) + 1))
     left = n - n_context
     n_target = int(rng.integers(min(sizes.min_target, left), min(sizes.max_target, left) + 1))
     return group.subset(order[:n_context]), group.subset(order[n_context:n_context + n_target])
+
+
+def sample_same_questions(groups: Sequence[GroupVectors], sizes: EpisodeSizes,
+                          shared: np.random.Generator) -> list[tuple[GroupVectors, GroupVectors]]:
+    """GPO's OpinionQA sampler: one random question order and one pair of counts for every group,
+    each group taking its own questions in that order. The order is a seeded hash of the question
+    keys, so separate nodes drawing from the same `shared` stream pick the same questions."""
+    salt = str(int(shared.integers(2**62)))
+    u_context, u_target = shared.random(2)
+    episodes = []
+    for group in groups:
+        n = _episode_questions(group, sizes)
+        order = np.argsort([zlib.crc32(f"{salt}:{k}".encode()) for k in group.keys], kind="stable")
+        hi = min(sizes.max_context, n - 1)
+        n_context = sizes.min_context + int(u_context * (hi - sizes.min_context + 1))
+        left = n - n_context
+        lo_t, hi_t = min(sizes.min_target, left), min(sizes.max_target, left)
+        n_target = lo_t + int(u_target * (hi_t - lo_t + 1))
+        episodes.append((group.subset(order[:n_context]), group.subset(order[n_context:n_context + n_target])))
+    return episodes
+
+
+def lr_factor(step: int, total: int, schedule: str = "constant", warmup: int = 0) -> float:
+    """The learning rate of step (or round) `step` of `total` (0-based), as a factor of the base rate:
+    a linear warm-up over `warmup` steps, then constant or a cosine decay to 0 at the last step that
+    stays there (the reference code's cosine ran past its period and climbed back)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'constant' or 'cosine'")
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -92,25 +132,29 @@ def collate(episodes: Sequence[tuple[GroupVectors, GroupVectors]]) -> Batch:
     return Batch(*(torch.from_numpy(a) for a in (x, y_in, y_true, is_context, is_target, segment)))
 
 
-def batch_loss(model: GPOPredictor, batch: Batch) -> Tensor:
-    """Mean Gaussian NLL over the batch's real target tokens."""
+def batch_loss(model: Predictor, batch: Batch) -> Tensor:
+    """The predictor's own training loss on the batch's target tokens."""
     pred = model(batch.x, batch.y_in, batch.is_context, batch.is_target, batch.segment)
-    return gaussian_nll(pred, batch.y_true, batch.is_target)
+    return model.loss(pred, batch.y_true, batch.is_target)
 
 
-def train_steps(model: GPOPredictor, optimizer: torch.optim.Optimizer, groups: list[GroupVectors],
+def train_steps(model: Predictor, optimizer: torch.optim.Optimizer, groups: list[GroupVectors],
                 steps: int, sizes: EpisodeSizes, rng: np.random.Generator, device: str | torch.device,
-                proximal_mu: float = 0.0, anchor: list[Tensor] | None = None) -> list[float]:
-    """`steps` gradient steps, each on one batch with a fresh episode from every group.
+                proximal_mu: float = 0.0, anchor: list[Tensor] | None = None,
+                same_questions: np.random.Generator | None = None, episodes_per_step: int = 1) -> list[float]:
+    """`steps` gradient steps, each on one batch with `episodes_per_step` fresh episodes of every group: drawn
+    independently per group from `rng`, or, given a `same_questions` stream, the same questions
+    for every group (`sample_same_questions`; nodes sharing the stream share the questions).
 
     With proximal_mu > 0 the objective adds (mu/2)·Σ‖w − anchor‖² (FedProx; anchor = the global
-    weights, in `model.parameters()` order). Returns the NLL of each step, without the proximal term,
+    weights, in `model.parameters()` order). Returns the loss of each step, without the proximal term,
     so runs with and without FedProx stay comparable.
     """
     if not groups:
         raise ValueError("train_steps needs at least one group")
-    if steps < 0 or proximal_mu < 0:
-        raise ValueError(f"steps={steps} and proximal_mu={proximal_mu} must be >= 0")
+    if steps < 0 or proximal_mu < 0 or episodes_per_step < 1:
+        raise ValueError(f"steps={steps} and proximal_mu={proximal_mu} must be >= 0, episodes_per_step="
+                         f"{episodes_per_step} >= 1")
     params = list(model.parameters())
     if proximal_mu > 0:
         if anchor is None or len(anchor) != len(params) or any(a.shape != p.shape for a, p in zip(anchor, params)):
@@ -120,7 +164,11 @@ def train_steps(model: GPOPredictor, optimizer: torch.optim.Optimizer, groups: l
     model.train()
     losses = []
     for _ in range(steps):
-        batch = collate([sample_episode(g, sizes, rng) for g in groups]).to(device)
+        if same_questions is not None:
+            episodes = [e for _ in range(episodes_per_step) for e in sample_same_questions(groups, sizes, same_questions)]
+        else:
+            episodes = [sample_episode(g, sizes, rng) for g in groups for _ in range(episodes_per_step)]
+        batch = collate(episodes).to(device)
         nll = batch_loss(model, batch)
         loss = nll
         if proximal_mu > 0:
@@ -132,7 +180,7 @@ def train_steps(model: GPOPredictor, optimizer: torch.optim.Optimizer, groups: l
     return losses
 
 
-def predict(model: GPOPredictor, context: GroupVectors, targets: GroupVectors,
+def predict(model: Predictor, context: GroupVectors, targets: GroupVectors,
             device: str | torch.device) -> list[np.ndarray]:
     """Predicted distribution of every target question, all in one forward pass (targets attend
     only to the context, so this equals predicting each target alone)."""
@@ -156,33 +204,8 @@ def group_distributions(group: GroupVectors) -> dict[str, np.ndarray]:
     return dict(zip(group.keys, np.split(group.y, group.offsets[1:-1])))
 
 
-def evaluate_group(model: GPOPredictor, group: GroupVectors, context_size: int = 20, draws: int = 5,
-                   seed: int = 0, device: str | torch.device = "cpu",
-                   metric: QuestionMetric = js_metric) -> dict:
-    """Few-shot evaluation: per draw, `context_size` random context questions (seeded: one seed, one
-    set of draws) and every other question as a target. Scores are averaged over the (question,
-    draw) pairs; NaN scores are excluded and counted, never counted as perfect. `contexts` lists
-    each draw's context question keys, so a result can be audited and reproduced."""
-    n = group.num_questions
-    if n <= context_size:
-        raise ValueError(f"group {group.group!r} has {n} questions; evaluation needs more than "
-                         f"context_size={context_size} (lower eval-context or drop the group)")
-    if context_size < 1 or draws < 1:
-        raise ValueError(f"context_size={context_size} and draws={draws} must be >= 1")
+def draw_contexts(n_questions: int, context_size: int, draws: int, seed: int) -> list[np.ndarray]:
+    """`draws` seeded sets of `context_size` distinct question indices out of `n_questions`: one
+    seed, one set of draws, shared by the model's evaluation and the baselines."""
     rng = np.random.default_rng(seed)
-    truth = group_distributions(group)
-    scores: dict[str, list[float]] = defaultdict(list)
-    contexts = []
-    for _ in range(draws):
-        context = rng.choice(n, size=context_size, replace=False)
-        contexts.append([group.keys[i] for i in context])
-        targets = np.setdiff1d(np.arange(n), context)
-        for i, p in zip(targets, predict(model, group.subset(context), group.subset(targets), device)):
-            key = group.keys[i]
-            scores[key].append(metric(key, p, truth[key]))
-    pairs = [s for per_key in scores.values() for s in per_key]
-    alignment, nan_excluded = mean_excluding_nan(pairs)
-    return {"alignment": alignment,
-            "per_question": {k: mean_excluding_nan(v)[0] for k, v in scores.items()},
-            "n_questions": len(scores), "n_pairs": len(pairs) - nan_excluded, "nan_excluded": nan_excluded,
-            "context_size": context_size, "draws": draws, "seed": seed, "contexts": contexts}
+    return [rng.choice(n_questions, size=context_size, replace=False) for _ in range(draws)]

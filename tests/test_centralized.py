@@ -28,7 +28,7 @@ def test_centralized_writes_the_results_contract(tiny_config):
         assert ENTRY <= set(entry) and set(entry["per_group"]) == {"G2"}
         assert {"jain", "cov", "worst"} <= set(entry["fairness"])
     assert results["best"]["alignment"] == max(e["alignment"] for e in results["history"])
-    assert set(results["baselines"]) == {"uniform", "train_mean"}
+    assert set(results["baselines"]) == {"uniform", "train_mean", "nearest_group", "context_mixture"}
     assert 0 < results["baselines"]["train_mean"]["coverage"] <= 1
     state, meta = load_checkpoint(writer.out_dir / "best.safetensors")
     assert meta["embedder"] == "minilm" and meta["embedding_dim"] == 384 and meta["model_config"]["d_model"] == 16
@@ -61,7 +61,7 @@ def test_report_plots_and_table(tiny_config, tmp_path):
         dirs.append(cfg.out_dir)
     assert main(["report", *dirs, "--out", str(tmp_path / "rep")]) == 0
     report = (tmp_path / "rep" / "report.md").read_text()
-    assert "| centralized | 2 |" in report and "train_mean baseline" in report and "| G2 |" in report
+    assert "| centralized | 2 |" in report and "train-mean baseline" in report and "context mixture baseline" in report and "## Alignment against context size" in report and "| G2 |" in report
     for name in ("alignment_vs_rounds.png", "alignment_vs_steps.png", "per_group.png"):
         assert (tmp_path / "rep" / name).stat().st_size > 5000
 

@@ -11,7 +11,10 @@ def test_embed_json_then_cached(tiny_paths, tmp_path, capsys):
     for _ in range(2):
         assert main(args) == 0
         infos.append(json.loads(capsys.readouterr().out))
-    assert set(infos[0]) == {"vectors", "dim", "model", "cache_file", "cached", "seconds"}
+    assert set(infos[0]) == {"vectors", "dim", "model", "cache_file", "cached", "seconds", "separation"}
+    separation = infos[0]["separation"]
+    assert set(separation) == {"raw", "question-option", "question-option-position"}
+    assert separation["question-option"]["within_question_cosine"] < separation["raw"]["within_question_cosine"]
     assert infos[0]["dim"] == 384 and infos[0]["model"] == "minilm" and infos[0]["vectors"] > 40
     assert (infos[0]["cached"], infos[1]["cached"]) == (False, True)
     assert infos[0]["cache_file"] == infos[1]["cache_file"]

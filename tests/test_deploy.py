@@ -323,7 +323,7 @@ def test_deploy_local_end_to_end_over_tls(tiny_config, tmp_path, capsys):
     assert sorted(p.name for p in (out / "deploy-logs").iterdir()) == [
         "flwr-run.log", "node-G0.log", "node-G1.log", "superlink.log"]
     assert "--insecure" not in (out / "deploy-logs" / "superlink.log").read_text()
-    assert "train-mean unavailable" in capsys.readouterr().out
+    assert "train-mean, nearest group, context mixture unavailable" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0 and "unavailable" in (out / "report.md").read_text()
 
 

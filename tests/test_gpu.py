@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pluralllm_flwr.data import GroupVectors
-from pluralllm_flwr.model import GPOPredictor, ModelConfig
+from pluralllm_flwr.gpo import GPOPredictor
+from pluralllm_flwr.model import ModelConfig
 from pluralllm_flwr.training import EpisodeSizes, predict, train_steps
 
 pytestmark = [pytest.mark.gpu,

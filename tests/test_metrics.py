@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
 
-from pluralllm_flwr.metrics import (alignment, alignment_w1, fairness, make_metric, mean_excluding_nan,
-                                    rounds_to_target, score_baseline, train_mean_baseline,
+from pluralllm_flwr.metrics import (OrdinalW1, alignment, alignment_w1, fairness, mean_excluding_nan,
+                                    rounds_to_target, train_mean_baseline,
                                     uniform_prediction)
 
 
@@ -68,16 +68,12 @@ def test_alignment_w1_uses_ordinal_positions_not_indices():
     assert alignment_w1([0, 1, 0], [0, 0, 1], [0, 1, 10]) == pytest.approx(0.1, abs=1e-12)
 
 
-def test_make_metric():
-    assert make_metric("js")("q", [1, 0], [0.5, 0.5]) == alignment([1, 0], [0.5, 0.5])
-    w1 = make_metric("w1", {"q": [1, 2, 3]})
+def test_ordinal_w1_metric_scores_ordinal_questions_and_nan_for_the_rest():
+    w1 = OrdinalW1({"q": [1, 2, 3]})
     assert w1("q", [1, 0, 0], [0, 0, 1]) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="'other'"):
-        w1("other", [1, 0, 0], [0, 0, 1])
-    with pytest.raises(ValueError, match="ordinal"):
-        make_metric("w1")
-    with pytest.raises(ValueError, match="unknown metric"):
-        make_metric("kl")
+    assert math.isnan(w1("other", [1, 0], [0, 1]))
+    np.testing.assert_allclose(w1.many(["q", "other", "q"], [[1, 0, 0], [1, 0], [0, 0, 1]], [[0, 0, 1], [0, 1], [0, 0, 1]]),
+                               [0.0, math.nan, 1.0])
 
 
 def test_mean_excluding_nan_counts_nans():
@@ -132,14 +128,17 @@ def test_train_mean_baseline():
         train_mean_baseline([{"a": np.array([1.0, 0.0, 0.0])}], {"a": 2})
 
 
-def test_score_baseline_pools_pairs_and_counts_nan():
-    predictions = {"q1": np.array([0.5, 0.5]), "q2": np.array([1.0, 0.0])}
-    truths = {"g1": {"q1": np.array([0.5, 0.5]), "q2": np.array([0.5, 0.5])},
-              "g2": {"q1": np.array([0.0, 0.0])}}
-    s = score_baseline(predictions, truths)
+def test_baselines_pool_pairs_over_draws_and_count_nan():
+    from pluralllm_flwr.data import GroupVectors
+    from pluralllm_flwr.evaluation import HeldOutGroup, evaluate_baselines
+
+    offsets = np.array([0, 2, 4, 6])
+    y = np.array([0.5, 0.5, 0.5, 0.5, 0.0, 0.0], np.float32)  # q3: an all-zero answer
+    g = GroupVectors("g1", ["q1", "q2", "q3"], np.zeros((6, 1), np.float32), y, offsets)
+    held = [HeldOutGroup("g1", g, None, 0, [np.array([0]), np.array([1])])]
+    train = [{"q1": np.array([1.0, 0.0]), "q2": np.array([1.0, 0.0]), "q3": np.array([1.0, 0.0])}]
+    base = evaluate_baselines(held, train, train_mean_baseline(train, {k: 2 for k in train[0]}), {k: 2 for k in train[0]})
     a = alignment([1, 0], [0.5, 0.5])
-    assert s["per_group"]["g1"] == pytest.approx((1 + a) / 2)
-    assert math.isnan(s["per_group"]["g2"])
-    assert s["pooled"] == pytest.approx((1 + a) / 2) and s["nan_excluded"] == 1 and s["n_pairs"] == 3
-    with pytest.raises(ValueError, match="g3"):
-        score_baseline(predictions, {"g3": {"q9": np.array([1.0])}})
+    assert base["uniform"]["alignment"] == pytest.approx(1.0)  # q2 and q1 (one draw each); q3 is NaN, skipped
+    assert base["train_mean"]["alignment"] == pytest.approx(a) and base["train_mean"]["coverage"] == 1.0
+    assert base["nearest_group"]["alignment"] == pytest.approx(a)

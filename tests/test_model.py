@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pluralllm_flwr.model import GPOPredictor, ModelConfig, gaussian_nll
+from pluralllm_flwr.gpo import GPOPredictor, gaussian_nll
+from pluralllm_flwr.model import ModelConfig
 
 torch.set_num_threads(1)
 CONFIG = ModelConfig(input_dim=12, d_model=32, embed_depth=3, num_layers=2, num_heads=4, dim_feedforward=24)

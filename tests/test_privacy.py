@@ -87,8 +87,10 @@ def test_dp_simulation_records_epsilon(tiny_config):
 
 @pytest.mark.slow
 def test_resume_continues_with_the_same_numbers(tiny_config, tmp_path):
-    """A run stopped after round 2 and resumed to round 4 gives the metrics of an uninterrupted run."""
-    whole = tiny_config(**{"out-dir": str(tmp_path / "whole"), "num-server-rounds": 4, "eval-every": 2})
+    """A run stopped after round 2 and resumed to round 4 gives the metrics of an uninterrupted run
+    (under a constant learning rate: a schedule over 2 rounds is another run than one over 4)."""
+    whole = tiny_config(**{"out-dir": str(tmp_path / "whole"), "num-server-rounds": 4, "eval-every": 2,
+                           "lr-schedule": "constant"})
     simulate(whole, 2, timeout=400, echo=lambda line: None)
     part = whole.replace(out_dir=str(tmp_path / "part"), num_server_rounds=2)
     simulate(part, 2, timeout=400, echo=lambda line: None)
@@ -101,7 +103,7 @@ def test_resume_continues_with_the_same_numbers(tiny_config, tmp_path):
 
 
 def test_resume_errors_are_clear(tiny_config, tmp_path):
-    cfg = tiny_config(**{"out-dir": str(tmp_path / "run")})
+    cfg = tiny_config(**{"out-dir": str(tmp_path / "run"), "lr-schedule": "constant"})
     with pytest.raises(ValueError, match="cannot resume from .*no results.json"):
         ResultsWriter.resume(cfg.out_dir, cfg)
     exp = prepare_experiment(cfg, progress=False)
@@ -110,9 +112,15 @@ def test_resume_errors_are_clear(tiny_config, tmp_path):
     (writer.out_dir / LAST_CHECKPOINT).write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="cannot resume from"):
         ResultsWriter.resume(cfg.out_dir, cfg)
-    train_once = tiny_config(**{"out-dir": str(tmp_path / "run"), "lr": 0.5})
+    train_once = tiny_config(**{"out-dir": str(tmp_path / "run"), "lr": 0.5, "lr-schedule": "constant"})
     writer.record({"round": 1, "gradient_steps": 3, "alignment": 0.5}, exp.build_model().state_dict())
     with pytest.raises(ValueError, match=r"run-config differs from the stopped run in \['lr'\]"):
         ResultsWriter.resume(cfg.out_dir, train_once)
     with pytest.raises(ValueError, match="already reached round 1"):
         ResultsWriter.resume(cfg.out_dir, cfg.replace(num_server_rounds=1))
+    cosine = cfg.replace(lr_schedule="cosine", out_dir=str(tmp_path / "cosine"))
+    ResultsWriter(cosine.out_dir, "fedavg", cosine, exp.split.train, exp.split.eval, {}, exp.checkpoint_metadata()).record(
+        {"round": 1, "gradient_steps": 3, "alignment": 0.5}, exp.build_model().state_dict())
+    with pytest.raises(ValueError, match="its cosine learning-rate schedule ran over 3 rounds"):
+        ResultsWriter.resume(cosine.out_dir, cosine.replace(num_server_rounds=5))
+    assert ResultsWriter.resume(cosine.out_dir, cosine)[2] == 1  # an interrupted run of the same length resumes

@@ -14,7 +14,8 @@ from pluralllm_flwr.config import RunConfig
 from pluralllm_flwr.data import Question, load_globalopinionqa
 from pluralllm_flwr.experiment import prepare_experiment
 from pluralllm_flwr.metrics import alignment
-from pluralllm_flwr.model import GPOPredictor, ModelConfig
+from pluralllm_flwr.gpo import GPOPredictor
+from pluralllm_flwr.model import ModelConfig
 from pluralllm_flwr.results import load_checkpoint, save_checkpoint
 from pluralllm_flwr.reward import (GroupAggregator, GroupContext, GroupReward, GroupRewardModel, RewardModelError,
                                    format_question, format_scores, load_contexts, load_questions, make_trl_reward,
@@ -350,7 +351,9 @@ def test_checkpoint_for_another_embedder_or_width_is_a_clear_error(run):
 @pytest.mark.parametrize("changes, message", [
     ({"prompt_format": "gpo-reference"}, "prompt format 'gpo-reference', but this code embeds with 'gpo-alpaca-v1'"),
     ({"embedder": None}, r"lacks metadata \['embedder'\]"),
-    ({"embedding_dim": 576}, "input_dim 384 differs from embedding_dim 576"),
+    ({"embedding_dim": 576}, "input_dim 770 differs from the width of 'question-option-position' features of its "
+                             "576-d embeddings"),
+    ({"features": "nope"}, "on features 'nope'; this version knows"),
 ])
 def test_checkpoint_metadata_problems_are_clear_errors(run, tmp_path, changes, message):
     with pytest.raises(RewardModelError, match=message):
@@ -365,10 +368,12 @@ def test_weights_that_do_not_fit_the_config_are_a_clear_error(run, tmp_path):
 
 
 def test_an_embedder_that_changed_width_is_caught_at_prediction(run, tmp_path, setting):
-    """The metadata says 8-d, but 'minilm' gives 384-d vectors: the mismatch must not reach the model."""
+    """The metadata says 8-d, but 'minilm' gives 384-d vectors: the mismatch must not reach the model.
+    (A GPO checkpoint on raw vectors, as checkpoints were before option features: no 'features' key.)"""
     config = ModelConfig(input_dim=8, d_model=8, embed_depth=2, num_layers=1, num_heads=2, dim_feedforward=8)
     _, meta = load_checkpoint(run["checkpoint"])
     path = tmp_path / "narrow.safetensors"
+    meta = {k: v for k, v in meta.items() if k != "features"}
     save_checkpoint(path, GPOPredictor(config).state_dict(),
                     {**meta, "model_config": dataclasses.asdict(config), "embedding_dim": 8})
     narrow = GroupRewardModel.from_checkpoint(path, cache_dir=run["cache"], device="cpu")

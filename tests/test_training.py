@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from pluralllm_flwr.data import GroupVectors
-from pluralllm_flwr.metrics import score_baseline, train_mean_baseline, uniform_prediction
-from pluralllm_flwr.model import GPOPredictor, ModelConfig
-from pluralllm_flwr.training import (EpisodeSizes, collate, evaluate_group, group_distributions, predict,
+from pluralllm_flwr.evaluation import HeldOutGroup, evaluate_baselines, evaluate_model
+from pluralllm_flwr.metrics import js_metric, train_mean_baseline
+from pluralllm_flwr.gpo import GPOPredictor
+from pluralllm_flwr.model import ModelConfig
+from pluralllm_flwr.training import (EpisodeSizes, collate, draw_contexts, group_distributions, predict,
                                      sample_episode, train_steps)
 
 torch.set_num_threads(1)
@@ -33,6 +35,12 @@ def linear_group(name, bank, w):
 
 def random_group(name="g", n_questions=60, seed=0):
     return linear_group(name, question_bank(seed, n_questions), np.random.default_rng(seed + 1).normal(size=DIM))
+
+
+def evaluate_group(model, group, context_size=20, draws=2, seed=0):
+    """The held-out evaluation of one group (evaluation.evaluate_model), JS alignment only."""
+    held = [HeldOutGroup(group.group, group, None, seed, draw_contexts(group.num_questions, context_size, draws, seed))]
+    return evaluate_model(model, held, {"alignment": js_metric}, "cpu", context_sizes=(context_size,))
 
 
 def fresh_model(seed=0):
@@ -161,32 +169,27 @@ def test_proximal_without_a_matching_anchor_is_an_error():
         train_steps(*args, proximal_mu=0.1, anchor=[torch.zeros(1)])
 
 
-def test_evaluate_group_draws_seeded_contexts():
+def test_context_draws_are_seeded_and_distinct():
+    a, b, c = (draw_contexts(40, 10, 3, seed) for seed in (7, 7, 8))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert len({tuple(sorted(ctx)) for ctx in a}) == 3 and all(len(set(ctx)) == 10 for ctx in a)
+
+
+def test_evaluation_scores_lie_within_the_per_group_range_and_repeat():
     group = random_group(n_questions=40)
     model = fresh_model()
-    a = evaluate_group(model, group, context_size=10, draws=3, seed=7)
-    b = evaluate_group(model, group, context_size=10, draws=3, seed=7)
-    c = evaluate_group(model, group, context_size=10, draws=3, seed=8)
-    assert a["contexts"] == b["contexts"] and a["contexts"] != c["contexts"]
-    assert len({tuple(sorted(ctx)) for ctx in a["contexts"]}) == 3 and all(len(ctx) == 10 for ctx in a["contexts"])
-    assert a["n_questions"] == len(a["per_question"]) and a["nan_excluded"] == 0
-    pair_scores = [s for s in a["per_question"].values()]
-    assert min(pair_scores) <= a["alignment"] <= max(pair_scores) < 1.0
+    a, b = evaluate_group(model, group, 10, 3, seed=7), evaluate_group(model, group, 10, 3, seed=7)
+    assert a == b and a["nan_excluded"] == 0 and 0 < a["alignment"] < 1
+    assert a["per_group"] == {"g": a["alignment"]}
 
 
-def test_evaluate_group_excludes_and_counts_nan_scores():
+def test_evaluation_excludes_and_counts_nan_scores():
     group = random_group(n_questions=30)
     group.y[group.offsets[0]:group.offsets[1]] = 0.0   # question q0: an all-zero answer
     result = evaluate_group(fresh_model(), group, context_size=5, draws=4, seed=0)
-    times_target = sum("q0" not in ctx for ctx in result["contexts"])
+    times_target = sum(0 not in ctx for ctx in draw_contexts(30, 5, 4, 0))
     assert times_target > 0 and result["nan_excluded"] == times_target
-    assert result["n_pairs"] + result["nan_excluded"] == 4 * (30 - 5)
-    assert math.isnan(result["per_question"]["q0"]) and not math.isnan(result["alignment"])
-
-
-def test_evaluate_group_needs_more_questions_than_the_context():
-    with pytest.raises(ValueError, match="'small' has 20 questions"):
-        evaluate_group(fresh_model(), random_group("small", n_questions=20), context_size=20)
+    assert not math.isnan(result["alignment"])
 
 
 def test_training_beats_uniform_and_train_mean_baselines_on_held_out_groups():
@@ -202,11 +205,12 @@ def test_training_beats_uniform_and_train_mean_baselines_on_held_out_groups():
     for _ in range(300):
         picked = rng.choice(len(train), 8, replace=False)
         train_steps(model, optimizer, [train[i] for i in picked], 1, EpisodeSizes(5, 30, 5, 30), rng, "cpu")
-    learned = np.mean([evaluate_group(model, g, context_size=20, draws=2)["alignment"] for g in held_out])
-    truths = {g.group: group_distributions(g) for g in held_out}
-    n_options = {k: len(v) for k, v in truths["h0"].items()}
-    mean_baseline = train_mean_baseline([group_distributions(g) for g in train], n_options)
+    held = [HeldOutGroup(g.group, g, None, i, draw_contexts(g.num_questions, 20, 2, i)) for i, g in enumerate(held_out)]
+    learned = evaluate_model(model, held, {"alignment": js_metric}, "cpu", context_sizes=(20,))["alignment"]
+    train = [group_distributions(g) for g in train]
+    n_options = {k: len(v) for k, v in train[0].items()}
+    mean_baseline = train_mean_baseline(train, n_options)
     assert mean_baseline.coverage == 1.0
-    train_mean = score_baseline(mean_baseline.predictions, truths)["pooled"]
-    uniform = score_baseline({k: uniform_prediction(n) for k, n in n_options.items()}, truths)["pooled"]
+    base = evaluate_baselines(held, train, mean_baseline, n_options)
+    train_mean, uniform = base["train_mean"]["alignment"], base["uniform"]["alignment"]
     assert learned > max(train_mean, uniform) + 0.1, (learned, train_mean, uniform)
