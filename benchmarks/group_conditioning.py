@@ -1,7 +1,7 @@
 """Does the predictor learn each group? The ablation behind the README's conditioning figures.
 
 For each setting (model × features × sampler, one factor changed at a time from the default) and
-each method (centralized, FedAvg through Flower's simulation), over seeds, it prints a Markdown table
+each method (centralized; FedAvg through Flower's simulation, with the demo's federation settings), over seeds, it prints a Markdown table
 of held-out alignment, conditioning gain (own context minus another held-out group's answers to the
 same context questions), alignment with 5 and 50 context questions, and seen against unseen
 questions, beside the four baselines measured in the same runs; then writes the table and figures
@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pluralllm_flwr.centralized import train_centralized  # noqa: E402
-from pluralllm_flwr.config import RunConfig  # noqa: E402
+from pluralllm_flwr.config import DEMO_FEDERATION, RunConfig  # noqa: E402
 from pluralllm_flwr.data import prepare  # noqa: E402
 from pluralllm_flwr.report import baseline_lines, focus_limits  # noqa: E402
 from pluralllm_flwr.reproduce import run_or_reuse  # noqa: E402
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             values.update({"num-server-rounds": args.steps, "eval-every": max(1, args.steps // 10)})
             cfg, last, go = RunConfig.from_mapping(values), args.steps, lambda c: train_centralized(c, progress=False)
         else:
-            values.update({"num-server-rounds": args.rounds, "eval-every": max(1, args.rounds // 10)})
+            values.update({**DEMO_FEDERATION, "num-server-rounds": args.rounds})
             cfg, last = RunConfig.from_mapping(values), args.rounds
             go = lambda c: simulate(c, nodes, echo=lambda line: None)  # noqa: E731 - one virtual node per group
         path = run_or_reuse(out / setting / method / f"seed-{seed}", cfg, last, go, print,
@@ -95,32 +95,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _mean_sd(values: list[float | None]) -> str:
+def _mean_sd(values: list[float | None], sign: str = "") -> str:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return "n/a"
-    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+    return f"{np.mean(values):{sign}.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:{sign}.4f}"
 
 
 def markdown(runs: dict[tuple[str, str], list[dict]]) -> str:
     first = next(iter(runs.values()))[0]
     lines = [f"Held-out groups {', '.join(first['eval_groups'])}; {len(first['train_groups'])} training groups; "
              "mean ± sd over seeds of the final model.", "",
-             "| setting | method | seeds | alignment | conditioning gain | 5 context | 50 context | unseen | "
-             "unseen, uninformative context |", "|---|---|---|---|---|---|---|---|---|"]
+             "| setting | method | seeds | alignment | minus the context mixture | conditioning gain | 5 context | "
+             "50 context | unseen | unseen, uninformative context |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (setting, method), rs in runs.items():
         finals = [r["final"] for r in rs]
+        mixture = [r["baselines"]["context_mixture"]["alignment"] for r in rs]
         lines.append(f"| {setting} | {method} | {len(rs)} | {_mean_sd([f['alignment'] for f in finals])} | "
-                     f"{_mean_sd([f.get('conditioning_gain') for f in finals])} | "
+                     f"{_mean_sd([f['alignment'] - m for f, m in zip(finals, mixture)], '+')} | "
+                     f"{_mean_sd([f.get('conditioning_gain') for f in finals], '+')} | "
                      f"{_mean_sd([f['context_curve'].get('5') for f in finals])} | "
                      f"{_mean_sd([f['context_curve'].get('50') for f in finals])} | "
                      f"{_mean_sd([f.get('unseen', {}).get('alignment') for f in finals])} | "
                      f"{_mean_sd([f.get('unseen', {}).get('no_context') for f in finals])} |")
-    lines += ["", "Baselines on the same draws (they do not depend on the model or the seed's training):", "",
+    by_seed = {r["seed"]: r["baselines"] for rs in runs.values() for r in rs}  # the seed draws split and contexts
+    lines += ["", f"Baselines on the same draws, mean ± sd over seeds {sorted(by_seed)} (they depend on the seed's "
+              "held-back split, unseen questions and context draws, not on any model):", "",
               "| baseline | alignment | unseen |", "|---|---|---|"]
-    for name, b in first["baselines"].items():
-        lines.append(f"| {BASELINE_NAMES.get(name, name)} | {_mean_sd([b['alignment']])} | "
-                     f"{_mean_sd([b.get('unseen')])} |")
+    for name in first["baselines"]:
+        lines.append(f"| {BASELINE_NAMES.get(name, name)} | {_mean_sd([b[name]['alignment'] for b in by_seed.values()])} | "
+                     f"{_mean_sd([b[name].get('unseen') for b in by_seed.values()])} |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import data as D
-from .config import DATASETS, ConfigError, RunConfig
+from .config import DATASETS, DEMO_FEDERATION, ConfigError, RunConfig
 
 
 def _dataset_args(parser: argparse.ArgumentParser, with_json: bool = True) -> None:
@@ -163,7 +163,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
     run_dir = (Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
-    overrides = [f"dataset='{args.dataset}' data-path='{Path(args.path).resolve() if args.path else ''}' "
+    overrides = [" ".join(f"{k}={v}" for k, v in DEMO_FEDERATION.items()),
+                 f"dataset='{args.dataset}' data-path='{Path(args.path).resolve() if args.path else ''}' "
                  f"num-server-rounds={args.rounds} out-dir='{run_dir / 'fedavg'}'", *(args.run_config or [])]
     status = cmd_simulate(argparse.Namespace(run_config=overrides, num_supernodes=0, timeout=None, quiet=True))
     if status:

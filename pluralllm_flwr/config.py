@@ -24,6 +24,12 @@ SAMPLERS = ("independent", "same-questions")
 LR_SCHEDULES = ("constant", "cosine")
 
 
+# The demo's federation (`pluralllm demo`, `make demo`): each round does more work per message than the
+# paper's 6 one-episode steps, since on 2 CPU cores a round's time is mostly Flower's per-message cost
+# (docs/conditioning.md). Run-config overrides given to the demo still win.
+DEMO_FEDERATION = {"local-steps": 12, "episodes-per-step": 4, "eval-every": 20}
+
+
 class ConfigError(ValueError):
     """A run-config value is missing, mistyped or out of range; the message names the key."""
 
@@ -65,6 +71,7 @@ class RunConfig:
     eval_every: int = 10
     eval_context: int = 20
     eval_draws: int = 5
+    eval_context_sizes: str = "1,5,10,20,50,100"  # the context-size curve of every evaluation
     # episodes
     min_context: int = 10
     max_context: int = 100
@@ -137,6 +144,13 @@ class RunConfig:
                 raise ConfigError(f"run-config dp={self.dp!r} needs weighting='uniform', fraction-train=1 and a "
                                   "mean-based strategy (fedavg or fedprox): the noise is calibrated to a uniform "
                                   "average of every client's clipped update")
+        try:
+            sizes = self.context_sizes
+        except ValueError:
+            sizes = ()
+        if not sizes or min(sizes) < 1:
+            raise ConfigError(f"run-config 'eval-context-sizes' must be comma-separated positive integers, e.g. "
+                              f"'1,5,20', got {self.eval_context_sizes!r}")
         if self.resume and not self.out_dir:
             raise ConfigError("run-config resume=true needs 'out-dir': the directory of the run to continue")
         relative = [p for p in self.bundle_paths if not Path(p).is_absolute()]
@@ -163,6 +177,11 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def context_sizes(self) -> tuple[int, ...]:
+        """`eval-context-sizes` as integers."""
+        return tuple(int(s) for s in self.eval_context_sizes.split(",") if s.strip())
 
     @property
     def bundle_paths(self) -> list[str]:

@@ -8,7 +8,8 @@ context and every other (seen) question is a target; per question the draws are 
 - the conditioning gain: the same targets predicted from *another* held-out group's answers to the
   same context questions, both scored on the group's own truth. A model that ignores the context
   scores a gain of exactly 0; one that uses it scores > 0;
-- alignment against context size (1, 5, 10, 20, 50, 100, capped by the group's size);
+- alignment against context size (run-config eval-context-sizes: 1, 5, 10, 20, 50, 100; capped by
+  the group's size);
 - with run-config heldout-questions, the questions no training group trained on, scored apart,
   beside the model's prediction from an uninformative context (uniform answers).
 
@@ -30,7 +31,6 @@ from .metrics import (MeanBaseline, QuestionMetric, alignments, context_mixture_
 from .model import Predictor
 from .training import draw_contexts, group_distributions, predict
 
-CONTEXT_SIZES = (1, 5, 10, 20, 50, 100)
 CONTEXT_BASELINES = ("nearest_group", "context_mixture")
 NO_TRAINING_ANSWERS = ("it needs the training groups' answers, which stay on their SuperNodes; this server holds "
                        "only the held-out groups' bundles")
@@ -102,7 +102,7 @@ def _uninformative(vectors: GroupVectors) -> GroupVectors:
 
 
 def evaluate_model(model: Predictor, groups: Sequence[HeldOutGroup], metrics: Mapping[str, QuestionMetric],
-                   device: str, context_sizes: Sequence[int] = CONTEXT_SIZES) -> dict:
+                   device: str, context_sizes: Sequence[int]) -> dict:
     """A history entry's scores (all but round and steps): every metric with per-group scores and
     fairness, the conditioning gain, the context-size curve and, where there are unseen questions,
     their scores."""
@@ -160,14 +160,18 @@ def _conditioning(own: Mapping, swapped: Mapping, groups: Sequence[HeldOutGroup]
 
 
 def context_curve(model: Predictor, groups: Sequence[HeldOutGroup], device: str,
-                  sizes: Sequence[int] = CONTEXT_SIZES, evaluated: float | None = None) -> dict[str, float]:
+                  sizes: Sequence[int], evaluated: float | None = None) -> dict[str, float]:
     """Pooled JS alignment with each context size, on the groups' own seeded draws of that size
     (sizes above a group's questions minus one are capped at that). `evaluated`: the alignment
     already computed with the groups' own `contexts`, which the draws of their size repeat."""
-    out = {}
+    out: dict[str, float] = {}
+    done: dict[tuple[int, ...], float] = {}  # sizes capped alike (50 and 100 for a 40-question group) once
+    if evaluated is not None:
+        done[tuple(len(g.contexts[0]) for g in groups)] = evaluated
     for size in sizes:
-        if evaluated is not None and all(min(size, g.seen.num_questions - 1) == len(g.contexts[0]) for g in groups):
-            out[str(size)] = evaluated
+        effective = tuple(min(size, g.seen.num_questions - 1) for g in groups)
+        if effective in done:
+            out[str(size)] = done[effective]
             continue
         per_group_question = defaultdict(lambda: defaultdict(list))
         for g in groups:
@@ -178,7 +182,7 @@ def context_curve(model: Predictor, groups: Sequence[HeldOutGroup], device: str,
                 predicted = predict(model, g.seen.subset(context), targets, device)
                 for k, s in zip(targets.keys, alignments(predicted, [truth[k] for k in targets.keys])):
                     per_group_question[g.name][k].append(s)
-        out[str(size)] = _pool(per_group_question)[0]
+        out[str(size)] = done[effective] = _pool(per_group_question)[0]
     return out
 
 

@@ -125,7 +125,7 @@ class Experiment:
         """Few-shot evaluation on every held-out group (`evaluation.evaluate_model`): a history entry,
         minus round/steps. `eval_seconds` lets the results tell training time from evaluation time."""
         started = time.perf_counter()
-        entry = evaluate_model(model, self.heldout, self.metrics, device)
+        entry = evaluate_model(model, self.heldout, self.metrics, device, self.cfg.context_sizes)
         entry["eval_seconds"] = round(time.perf_counter() - started, 3)
         return entry
 

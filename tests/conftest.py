@@ -95,6 +95,7 @@ def synthetic_goqa(path: Path, groups: list[str], n_questions: int = 40, seed: i
 SYNTHETIC_GROUPS = ["G0", "G1", "G2", "G3", "G4"]
 # A run small enough for CI: synthetic data, a 1-layer predictor, short episodes.
 TINY_RUN = {"train-groups": "G0,G1,G3,G4", "eval-groups": "G2", "eval-context": 5, "eval-draws": 2,
+            "eval-context-sizes": "1,5,20",
             "min-context": 3, "max-context": 10, "min-target": 3, "max-target": 10, "d-model": 16,
             "num-layers": 1, "num-heads": 2, "dim-feedforward": 16, "num-server-rounds": 3, "eval-every": 1,
             "local-steps": 3, "lr": 0.01}

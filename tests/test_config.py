@@ -40,3 +40,10 @@ def test_group_lists_split_on_semicolons_when_names_have_commas():
     assert RunConfig(train_groups="A, B").group_list("train_groups") == ["A", "B"]
     assert RunConfig(train_groups="$100,000 or more; Female").group_list("train_groups") == ["$100,000 or more", "Female"]
     assert RunConfig(eval_groups="auto").group_list("eval_groups") == "auto"
+
+
+def test_context_sizes_are_checked_and_parsed():
+    assert RunConfig().context_sizes == (1, 5, 10, 20, 50, 100)
+    for bad in ("", "a,b", "0,5"):
+        with pytest.raises(ConfigError, match="eval-context-sizes"):
+            RunConfig(eval_context_sizes=bad)
