@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: federated simulation on real data, then the report")
     _dataset_args(p, with_json=False)
     p.add_argument("--rounds", type=int, default=200,
-                   help="server rounds (200 take about 12 minutes on 2 CPU cores, 3.4 s a round)")
+                   help="server rounds (200 take about 13 minutes on 2 CPU cores, 3.7 s a round)")
     _run_config_arg(p)
     p.set_defaults(func=cmd_demo)
 
