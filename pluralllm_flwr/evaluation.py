@@ -46,10 +46,14 @@ class HeldOutGroup:
     unseen: GroupVectors | None
     seed: int
     contexts: list[np.ndarray]
-    index: dict[str, int] = field(init=False)
+    index: dict[str, int] = field(init=False)          # question key -> position in `seen`
+    truth: dict[str, np.ndarray] = field(init=False)   # question key -> the group's answer (seen questions)
+    unseen_truth: list[np.ndarray] = field(init=False)  # the group's answers to its unseen questions, in order
 
     def __post_init__(self) -> None:
         self.index = {k: i for i, k in enumerate(self.seen.keys)}
+        self.truth = group_distributions(self.seen)
+        self.unseen_truth = list(group_distributions(self.unseen).values()) if self.unseen is not None else []
 
     def targets(self, context: np.ndarray) -> np.ndarray:
         return np.setdiff1d(np.arange(self.seen.num_questions), context)
@@ -110,12 +114,11 @@ def evaluate_model(model: Predictor, groups: Sequence[HeldOutGroup], metrics: Ma
     swapped, own_for_swap = defaultdict(lambda: defaultdict(list)), defaultdict(lambda: defaultdict(list))
     unseen, unseen_blind = defaultdict(lambda: defaultdict(list)), defaultdict(lambda: defaultdict(list))
     for i, g in enumerate(groups):
-        truth = group_distributions(g.seen)
         for context in g.contexts:
             targets = g.seen.subset(g.targets(context))
             ctx = g.seen.subset(context)
             predicted = predict(model, ctx, targets, device)
-            true = [truth[k] for k in targets.keys]
+            true = [g.truth[k] for k in targets.keys]
             for name, metric in metrics.items():
                 for k, s in zip(targets.keys, score(metric, targets.keys, predicted, true)):
                     scores[name][g.name][k].append(s)
@@ -125,10 +128,9 @@ def evaluate_model(model: Predictor, groups: Sequence[HeldOutGroup], metrics: Ma
                 for k, s_own, s_other in zip(targets.keys, alignments(predicted, true), alignments(other, true)):
                     own_for_swap[g.name][k].append(s_own)
                     swapped[g.name][k].append(s_other)
-            if g.unseen is not None and g.unseen.num_questions:
-                u_true = list(group_distributions(g.unseen).values())
+            if g.unseen_truth:
                 for store, c in ((unseen, ctx), (unseen_blind, _uninformative(ctx))):
-                    for k, s in zip(g.unseen.keys, alignments(predict(model, c, g.unseen, device), u_true)):
+                    for k, s in zip(g.unseen.keys, alignments(predict(model, c, g.unseen, device), g.unseen_truth)):
                         store[g.name][k].append(s)
     entry: dict = {}
     for name in metrics:
@@ -176,11 +178,10 @@ def context_curve(model: Predictor, groups: Sequence[HeldOutGroup], device: str,
         per_group_question = defaultdict(lambda: defaultdict(list))
         for g in groups:
             n = g.seen.num_questions
-            truth = group_distributions(g.seen)
             for context in draw_contexts(n, min(size, n - 1), len(g.contexts), g.seed):
                 targets = g.seen.subset(g.targets(context))
                 predicted = predict(model, g.seen.subset(context), targets, device)
-                for k, s in zip(targets.keys, alignments(predicted, [truth[k] for k in targets.keys])):
+                for k, s in zip(targets.keys, alignments(predicted, [g.truth[k] for k in targets.keys])):
                     per_group_question[g.name][k].append(s)
         out[str(size)] = done[effective] = _pool(per_group_question)[0]
     return out
@@ -191,7 +192,7 @@ def evaluate_baselines(groups: Sequence[HeldOutGroup], train_answers: Sequence[M
                        metric: QuestionMetric = js_metric) -> dict:
     """Uniform, train-mean, nearest training group and context mixture on the model's own draws.
     Without the training groups' answers (`train_answers` None) all but uniform are unavailable."""
-    truths = {g.name: group_distributions(g.seen) for g in groups}
+    truths = {g.name: g.truth for g in groups}
     predictors: dict[str, Callable[[HeldOutGroup, list[str], list[str]], dict[str, np.ndarray]]] = {
         "uniform": lambda g, ctx, tgt: {k: uniform_prediction(n_options[k]) for k in tgt}}
     if train_answers is not None:
@@ -218,8 +219,7 @@ def evaluate_baselines(groups: Sequence[HeldOutGroup], train_answers: Sequence[M
             out[name] = {"alignment": None, "per_group": None, "unavailable": NO_TRAINING_ANSWERS}
     else:
         out["train_mean"]["coverage"] = mean.coverage
-    if any(g.unseen is not None and g.unseen.num_questions for g in groups):
-        u = [(k, d) for g in groups if g.unseen is not None for k, d in group_distributions(g.unseen).items()]
-        out["uniform"]["unseen"] = float(np.nanmean(alignments([uniform_prediction(len(d)) for _, d in u],
-                                                               [d for _, d in u])))
+    unseen = [d for g in groups for d in g.unseen_truth]
+    if unseen:
+        out["uniform"]["unseen"] = float(np.nanmean(alignments([uniform_prediction(len(d)) for d in unseen], unseen)))
     return out
