@@ -21,12 +21,13 @@ from .bundle import BundleError, read_bundle
 from .config import ConfigError, RunConfig
 from .data import GroupSplit, seeded_rng
 from .experiment import Experiment, bundle_experiment, prepare_experiment, resolve_device
-from .strategies import HOSTS_QUERY, UNIT_WEIGHT
+from .strategies import CONTROL, CORRECTION, HOSTS_QUERY, UNIT_WEIGHT
 from .model import Predictor
 from .training import predict, train_steps
 from .metrics import alignment, mean_excluding_nan
 
 app = ClientApp()
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}  # run-config client-optimizer
 
 
 @functools.lru_cache(maxsize=2)
@@ -96,17 +97,27 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     mu = float(config.get("proximal-mu", 0.0))  # present under FedProx only
     anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
+    optimizer = OPTIMIZERS[cfg.client_optimizer](model.parameters(), lr=float(config["lr"]))
     vectors = exp.vectors(group, "train")
     steps = int(config["local-steps"])
     server_round = int(config["server-round"])
     rng = seeded_rng(cfg.seed, "train", group, server_round)
     shared = seeded_rng(cfg.seed, "questions", server_round) if cfg.episode_sampler == "same-questions" else None
+    names = [name for name, _ in model.named_parameters()]
+    correction = gradients = None
+    if CORRECTION in msg.content:  # SCAFFOLD
+        record = msg.content[CORRECTION]
+        correction = [torch.from_numpy(record[name].numpy()).to(device) for name in names]
+        gradients = [torch.zeros_like(p) for p in model.parameters()]
     losses = train_steps(model, optimizer, [vectors], steps, exp.sizes, rng, device, proximal_mu=mu, anchor=anchor,
-                         same_questions=shared, episodes_per_step=cfg.episodes_per_step)
+                         same_questions=shared, episodes_per_step=cfg.episodes_per_step,
+                         drift_correction=correction, gradient_sum=gradients)
     metrics = MetricRecord({"train-loss": float(np.mean(losses)), "num-examples": vectors.num_questions,
                             UNIT_WEIGHT: 1, "local-steps": steps})
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    if gradients is not None:  # this group's new control variate: its mean gradient over the round
+        content[CONTROL] = ArrayRecord({name: (g / max(steps, 1)).cpu() for name, g in zip(names, gradients)})
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

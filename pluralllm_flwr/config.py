@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 DATASETS = ("globalopinionqa", "opinionqa")
-STRATEGIES = ("fedavg", "fedprox", "fedmedian")
+STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")  # strategies.STRATEGIES
+ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")  # server-lr is their normalised step (e.g. 0.01)
+SERVER_STATE_STRATEGIES = ("fedavgm", "scaffold") + ADAPTIVE_STRATEGIES  # server optimiser state that checkpoints do not hold
 WEIGHTINGS = ("num-examples", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
 DP_MODES = ("none", "client", "server")
@@ -22,6 +24,7 @@ MODELS = ("gpo", "mixture", "residual")          # predictors.ARCHITECTURES (a t
 FEATURES = ("raw", "question-option", "question-option-position")  # features.FEATURES (likewise)
 SAMPLERS = ("independent", "same-questions")
 LR_SCHEDULES = ("constant", "cosine")
+CLIENT_OPTIMIZERS = ("adam", "sgd")
 
 
 # The demo's federation (`pluralllm demo`, `make demo`): each round does more work per message than the
@@ -61,8 +64,11 @@ class RunConfig:
     local_steps: int = 6
     episodes_per_step: int = 1        # episodes of each group in one gradient step's batch
     lr: float = 3e-3
+    client_optimizer: str = "adam"    # a client's local optimiser, fresh each round (sgd: plain SGD at lr)
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
+    server_lr: float = 1.0            # fedavgm: step on the averaged update (1 = FedAvg); adaptive: their step
+    server_momentum: float = 0.0      # fedavgm's momentum
     weighting: str = "num-examples"
     fraction_train: float = 1.0
     min_train_nodes: int = 0          # 0 = every training group must report (simulation); lower for deployments
@@ -105,6 +111,7 @@ class RunConfig:
         _check_choice("features", self.features, FEATURES)
         _check_choice("episode_sampler", self.episode_sampler, SAMPLERS)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("client_optimizer", self.client_optimizer, CLIENT_OPTIMIZERS)
         if self.prototypes < 1 or self.inference_steps < 0 or self.warmup_steps < 0:
             raise ConfigError(f"run-config needs prototypes >= 1, inference-steps >= 0 and warmup-steps >= 0, got "
                               f"{self.prototypes}, {self.inference_steps}, {self.warmup_steps}")
@@ -121,6 +128,17 @@ class RunConfig:
                 raise ConfigError(f"run-config '{_kebab(key)}' must be positive, got {getattr(self, key)}")
         if self.proximal_mu < 0:
             raise ConfigError(f"run-config 'proximal-mu' must be >= 0, got {self.proximal_mu}")
+        if not self.server_lr > 0 or not 0 <= self.server_momentum < 1:
+            raise ConfigError(f"run-config needs server-lr > 0 and 0 <= server-momentum < 1, got {self.server_lr} and "
+                              f"{self.server_momentum}")
+        if self.strategy in ADAPTIVE_STRATEGIES and self.server_lr > 0.1:
+            raise ConfigError(f"run-config server-lr={self.server_lr} with strategy {self.strategy!r} would move every "
+                              "weight by up to that much each round: an adaptive server step is normalised, so give "
+                              "it a step like 0.01")
+        if self.resume and self.strategy in SERVER_STATE_STRATEGIES:
+            raise ConfigError(f"run-config resume=true cannot continue strategy {self.strategy!r}: its server "
+                              "optimiser's state (momentum, moment estimates) is not in the checkpoints, so a resumed "
+                              "run would differ from an uninterrupted one")
         if self.max_questions < 0:
             raise ConfigError(f"run-config 'max-questions' must be >= 0 (0 = all), got {self.max_questions}")
         if self.min_train_nodes < 0:
@@ -140,9 +158,10 @@ class RunConfig:
             if not (self.dp_clip > 0 and self.dp_noise > 0 and 0 < self.dp_delta < 1):
                 raise ConfigError(f"run-config dp={self.dp!r} needs dp-clip > 0, dp-noise > 0 and 0 < dp-delta < 1, got "
                                   f"{self.dp_clip}, {self.dp_noise}, {self.dp_delta}")
-            if self.weighting != "uniform" or self.fraction_train != 1 or self.strategy == "fedmedian":
+            if self.weighting != "uniform" or self.fraction_train != 1 or self.strategy in ("fedmedian", "scaffold"):
                 raise ConfigError(f"run-config dp={self.dp!r} needs weighting='uniform', fraction-train=1 and a "
-                                  "mean-based strategy (fedavg or fedprox): the noise is calibrated to a uniform "
+                                  "mean-based strategy (not fedmedian; not scaffold, whose control variates are not "
+                                  "clipped): the noise is calibrated to a uniform "
                                   "average of every client's clipped update")
         try:
             sizes = self.context_sizes

@@ -15,13 +15,17 @@ import math
 import time
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import GaussianPrivacyEvent, Grid, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
-                                     DifferentialPrivacyServerSideFixedClipping, FedAvg, FedMedian, FedProx, Strategy)
+                                     DifferentialPrivacyServerSideFixedClipping, FedAdagrad, FedAdam, FedAvg, FedAvgM,
+                                     FedMedian, FedProx, FedYogi, Strategy)
+from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant  # flwr's RDP accountant (dp-accounting)
 
-from .config import RunConfig
+from .config import ADAPTIVE_STRATEGIES, RunConfig
 from .data import seeded_rng
 from .experiment import Experiment, fmt_gain
 from .results import ResultsWriter
@@ -29,6 +33,8 @@ from .training import lr_factor
 
 log = logging.getLogger(__name__)
 
+CORRECTION = "correction"       # SCAFFOLD: the record of c − c_i the server sends a group's client
+CONTROL = "control"             # SCAFFOLD: the record of c_i (the client's mean gradient) it sends back
 HOSTS_QUERY = "hosted_groups"   # the QUERY action a SuperNode answers with the groups it hosts
 UNIT_WEIGHT = "unit-weight"     # metric every client sends as 1: the weight key of uniform averaging
 
@@ -138,7 +144,10 @@ class PluralMixin:
         self.discover_hosts(grid, wait=self.cfg.round_timeout)
         run_round = server_round + self.round_offset
         c = self.cfg
-        config["lr"] = c.lr * lr_factor(run_round - 1, c.num_server_rounds, c.lr_schedule, c.warmup_steps)
+        factor = lr_factor(run_round - 1, c.num_server_rounds, c.lr_schedule, c.warmup_steps)
+        config["lr"] = c.lr * factor
+        if isinstance(self, FedOpt):  # an adaptive server step is normalised, so it does not shrink with the
+            self.eta = c.server_lr * factor  # clients' lr: the schedule scales it too
         messages = super().configure_train(server_round, arrays, config, grid)
         return self._per_group(messages, run_round, grid, self.cfg.fraction_train)
 
@@ -228,7 +237,61 @@ class PluralFedMedian(PluralMixin, FedMedian):
     """Coordinate-wise median of the group models (robust to a few outlying groups)."""
 
 
-STRATEGIES = {"fedavg": PluralFedAvg, "fedprox": PluralFedProx, "fedmedian": PluralFedMedian}
+class PluralFedAvgM(PluralMixin, FedAvgM):
+    """FedAvg with server momentum (Hsu et al. 2019): the averaged update is the pseudo-gradient of
+    server SGD with step server-lr and momentum server-momentum."""
+
+
+class PluralFedAdam(PluralMixin, FedAdam):
+    """Adam on the server (Reddi et al. 2021): the averaged update is the pseudo-gradient of Adam with
+    step server-lr (Flower's beta_1 0.9, beta_2 0.99, tau 1e-3). Its per-weight normalisation keeps
+    the small update the groups agree on from vanishing under the parts they disagree on."""
+
+
+class PluralFedYogi(PluralMixin, FedYogi):
+    """Yogi on the server (Reddi et al. 2021): Adam with a sign-controlled second moment."""
+
+
+class PluralFedAdagrad(PluralMixin, FedAdagrad):
+    """Adagrad on the server (Reddi et al. 2021)."""
+
+
+class PluralScaffold(PluralMixin, FedAvg):
+    """SCAFFOLD (Karimireddy et al. 2020): each client adds c − c_i to every local gradient, where c_i is
+    its group's mean gradient of the last round it trained and c their weighted mean, so a group's
+    local steps follow the federation's gradient instead of drifting to its own optimum (which on
+    non-IID groups averages their differences away). The server keeps every c_i and sends each client
+    its own correction, so clients hold no state between rounds."""
+
+    def setup(self, *args, **kwargs) -> None:
+        super().setup(*args, **kwargs)
+        self.controls: dict[str, tuple[float, dict[str, np.ndarray]]] = {}  # group -> (weight, c_i)
+        self.control = {name: np.zeros(p.shape, np.float32) for name, p in self.model.named_parameters()}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        messages = super().configure_train(server_round, arrays, config, grid)
+        for message, group in self.sent:
+            own = self.controls.get(group, (0.0, {}))[1]
+            message.content[CORRECTION] = ArrayRecord({name: Array(c - own[name] if own else c)
+                                                       for name, c in self.control.items()})
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        for group, reply in self._by_group(replies):
+            if group is not None and not reply.has_error() and CONTROL in reply.content:
+                control = reply.content.pop(CONTROL)  # FedAvg expects one ArrayRecord per reply
+                weight = float(reply.content["metrics"][self.weighted_by_key])
+                self.controls[group] = (weight, {k: v.numpy() for k, v in control.items()})
+        if self.controls:
+            total = sum(w for w, _ in self.controls.values())
+            self.control = {name: sum(w * c[name] for w, c in self.controls.values()) / total for name in self.control}
+        return super().aggregate_train(server_round, replies)
+
+
+STRATEGIES = {"fedavg": PluralFedAvg, "fedprox": PluralFedProx, "fedmedian": PluralFedMedian,
+              "fedavgm": PluralFedAvgM, "fedadam": PluralFedAdam, "fedyogi": PluralFedYogi,
+              "fedadagrad": PluralFedAdagrad, "scaffold": PluralScaffold}
 
 
 def build_strategy(cfg: RunConfig) -> PluralMixin:
@@ -238,6 +301,10 @@ def build_strategy(cfg: RunConfig) -> PluralMixin:
                   weighted_by_key="num-examples" if cfg.weighting == "num-examples" else UNIT_WEIGHT)
     if cfg.strategy == "fedprox":
         kwargs["proximal_mu"] = cfg.proximal_mu
+    elif cfg.strategy == "fedavgm":
+        kwargs.update(server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
+    elif cfg.strategy in ADAPTIVE_STRATEGIES:
+        kwargs.update(eta=cfg.server_lr, eta_l=cfg.lr)
     return STRATEGIES[cfg.strategy](**kwargs)
 
 

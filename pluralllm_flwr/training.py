@@ -141,7 +141,8 @@ def batch_loss(model: Predictor, batch: Batch) -> Tensor:
 def train_steps(model: Predictor, optimizer: torch.optim.Optimizer, groups: list[GroupVectors],
                 steps: int, sizes: EpisodeSizes, rng: np.random.Generator, device: str | torch.device,
                 proximal_mu: float = 0.0, anchor: list[Tensor] | None = None,
-                same_questions: np.random.Generator | None = None, episodes_per_step: int = 1) -> list[float]:
+                same_questions: np.random.Generator | None = None, episodes_per_step: int = 1,
+                drift_correction: list[Tensor] | None = None, gradient_sum: list[Tensor] | None = None) -> list[float]:
     """`steps` gradient steps, each on one batch with `episodes_per_step` fresh episodes of every group: drawn
     independently per group from `rng`, or, given a `same_questions` stream, the same questions
     for every group (`sample_same_questions`; nodes sharing the stream share the questions).
@@ -149,6 +150,9 @@ def train_steps(model: Predictor, optimizer: torch.optim.Optimizer, groups: list
     With proximal_mu > 0 the objective adds (mu/2)·Σ‖w − anchor‖² (FedProx; anchor = the global
     weights, in `model.parameters()` order). Returns the loss of each step, without the proximal term,
     so runs with and without FedProx stay comparable.
+
+    SCAFFOLD: `drift_correction` (c − c_i, per parameter) is added to every step's gradient, and each
+    step's raw gradient is added into `gradient_sum` (the client's next control variate is its mean).
     """
     if not groups:
         raise ValueError("train_steps needs at least one group")
@@ -175,9 +179,20 @@ def train_steps(model: Predictor, optimizer: torch.optim.Optimizer, groups: list
             loss = nll + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if gradient_sum is not None or drift_correction is not None:
+            _scaffold_step(params, drift_correction, gradient_sum)
         optimizer.step()
         losses.append(nll.item())
     return losses
+
+
+def _scaffold_step(params: list[Tensor], correction: list[Tensor] | None, gradient_sum: list[Tensor] | None) -> None:
+    for i, p in enumerate(params):
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        if gradient_sum is not None:
+            gradient_sum[i] += grad
+        if correction is not None:
+            p.grad = grad + correction[i]
 
 
 def predict(model: Predictor, context: GroupVectors, targets: GroupVectors,

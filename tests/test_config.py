@@ -30,6 +30,9 @@ def test_from_mapping_round_trip_and_int_for_float():
     ({"dataset": "opinionqa"}, "'data-path' is required"),
     ({"weighting": "size"}, "'weighting' must be one of"),
     ({"d-model": 130}, "divisible"),
+    ({"server-momentum": 1.0}, "0 <= server-momentum < 1"),
+    ({"strategy": "fedadam"}, "server-lr=1.0 with strategy 'fedadam'"),
+    ({"strategy": "fedavgm", "resume": True, "out-dir": "/tmp/x"}, "cannot continue strategy 'fedavgm'"),
 ])
 def test_bad_values_give_one_clear_message(values, message):
     with pytest.raises(ConfigError, match=message):

@@ -27,7 +27,7 @@ from pluralllm_flwr.experiment import bundle_experiment, prepare_experiment
 from pluralllm_flwr.results import TIMING_FIELDS, load_results
 from pluralllm_flwr.strategies import NoClientsError
 
-from .test_federated import call_client, reply, strategy_for
+from .test_federated import FakeGrid, call_client, reply, strategy_for
 
 
 @pytest.fixture
@@ -188,21 +188,6 @@ def test_certificates_give_a_verified_tls_connection_to_the_superlink(tmp_path):
 
 
 # ----------------------------------------------------------------------------- host discovery
-
-
-class FakeGrid:
-    """Nodes that answer the hosted-groups query; `hosting` (node id -> groups) may change."""
-
-    def __init__(self, hosting: dict[int, list[str]]):
-        self.hosting, self.asked = hosting, []
-
-    def get_node_ids(self):
-        return list(self.hosting)
-
-    def send_and_receive(self, messages, timeout=None):
-        self.asked += [m.metadata.dst_node_id for m in messages]
-        return [reply(m.metadata.dst_node_id, RecordDict({"hosted": ConfigRecord({"groups": self.hosting[m.metadata.dst_node_id]})}),
-                      kind="query") for m in messages]
 
 
 @pytest.mark.timeout(60)

@@ -4,17 +4,19 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
+from flwr.supercore.task_identity import TaskIdentity
 
 from pluralllm_flwr import client_app
 from pluralllm_flwr.experiment import prepare_experiment
 from pluralllm_flwr.results import TIMING_FIELDS, ResultsWriter
-from pluralllm_flwr.strategies import UNIT_WEIGHT, NoClientsError, build_strategy
+
+from pluralllm_flwr.strategies import CONTROL, CORRECTION, UNIT_WEIGHT, NoClientsError, build_strategy
 
 
-def reply(node: int, content: RecordDict | None = None, error: Error | None = None, kind: str = "train"):
-    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+def reply(node: int, content: RecordDict | None = None, error: Error | None = None, kind: str = "train", to: str = "x"):
+    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=to,
                     group_id="1", created_at=0.0, ttl=60.0, message_type=kind)
     return make_message(meta, content, error)
 
@@ -23,6 +25,21 @@ def train_reply(node: int, value: float, n: int):
     arrays = ArrayRecord([np.full(2, value, np.float32)])
     metrics = MetricRecord({"train-loss": value, "num-examples": n, UNIT_WEIGHT: 1, "local-steps": 3})
     return reply(node, RecordDict({"arrays": arrays, "metrics": metrics}))
+
+
+class FakeGrid:
+    """Nodes that answer the hosted-groups query; `hosting` (node id -> groups) may change."""
+
+    def __init__(self, hosting: dict[int, list[str]]):
+        self.hosting, self.asked = hosting, []
+
+    def get_node_ids(self):
+        return list(self.hosting)
+
+    def send_and_receive(self, messages, timeout=None):
+        self.asked += [m.metadata.dst_node_id for m in messages]
+        return [reply(m.metadata.dst_node_id, RecordDict({"hosted": ConfigRecord({"groups": self.hosting[m.metadata.dst_node_id]})}),
+                      kind="query") for m in messages]
 
 
 def strategy_for(cfg, tmp_path):
@@ -51,11 +68,75 @@ def test_failed_client_is_skipped_and_counted_and_all_failed_stops(tiny_config, 
         strategy.aggregate_train(2, [failed])
 
 
-def call_client(function, cfg, exp, group, config: dict, node_config=None):
+def test_fedavgm_steps_on_the_averaged_update_with_momentum(tiny_config, tmp_path):
+    strategy = strategy_for(tiny_config(strategy="fedavgm", **{"server-lr": 2.0, "server-momentum": 0.5}), tmp_path)
+    strategy.current_arrays = ArrayRecord([np.zeros(2, np.float32)])  # as configure_train sets it
+    arrays, _ = strategy.aggregate_train(1, [train_reply(1, 1.0, 1), train_reply(2, 1.0, 1)])
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [2.0, 2.0])  # 0 + 2 * (1 - 0)
+    arrays, _ = strategy.aggregate_train(2, [train_reply(1, 3.0, 1), train_reply(2, 3.0, 1)])
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [5.0, 5.0])  # 2 + 2 * (0.5 * 1 + 1)
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedyogi"])
+def test_adaptive_server_step_is_normalised(tiny_config, tmp_path, strategy):
+    """The server moves each weight toward the average by about server-lr, however small the update
+    (which is what lets the groups' small common update through)."""
+    moves = []
+    for update in (1.0, 10.0):  # both well above tau (1e-3), which damps smaller ones
+        s = strategy_for(tiny_config(strategy=strategy, **{"server-lr": 0.01}), tmp_path)
+        s.current_arrays = {k: v.numpy() for k, v in ArrayRecord([np.zeros(2, np.float32)]).items()}
+        arrays, _ = s.aggregate_train(1, [train_reply(1, update, 1), train_reply(2, update, 1)])
+        moves.append(float(arrays.to_numpy_ndarrays()[0][0]))
+    assert 0 < moves[0] <= 0.011 and moves[0] == pytest.approx(moves[1], rel=0.02)
+
+
+def test_scaffold_server_averages_the_controls_and_sends_each_group_its_correction(tiny_config, tmp_path, monkeypatch):
+    for key in ("_task_id", "_run_id", "_node_id"):  # what a running ServerApp has set when it builds messages
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    strategy = strategy_for(tiny_config(strategy="scaffold"), tmp_path)
+    names, arrays = list(strategy.control), ArrayRecord(strategy.model.state_dict())
+
+    def with_control(node: int, value: float, n: int):
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"train-loss": 1.0, "num-examples": n,
+                                                                         UNIT_WEIGHT: 1, "local-steps": 3}),
+                              CONTROL: ArrayRecord({k: Array(np.full(v.shape, value, np.float32))
+                                                    for k, v in strategy.control.items()})})
+        return reply(node, content, to=f"m{node}")
+
+    strategy.sent = [(reply(1, RecordDict()), "G0"), (reply(2, RecordDict()), "G1")]  # as configure_train records them (ids m1, m2)
+    strategy.aggregate_train(1, [with_control(1, 1.0, 1), with_control(2, 4.0, 3)])
+    np.testing.assert_allclose(strategy.control[names[0]], 3.25)  # (1·1 + 3·4) / 4
+    grid = FakeGrid({5: ["G0", "G1", "G3", "G4"]})
+    corrections = {m.content["config"]["group"]: m.content[CORRECTION][names[0]].numpy()
+                   for m in strategy.configure_train(2, arrays, ConfigRecord(), grid)}
+    np.testing.assert_allclose(corrections["G0"], 2.25)  # c − c_G0
+    np.testing.assert_allclose(corrections["G1"], -0.75)
+    np.testing.assert_allclose(corrections["G3"], 3.25)  # no control yet: c − 0
+
+
+def test_scaffold_client_reports_its_gradient_and_applies_the_correction(tiny_config):
+    """One local step: a correction equal to minus the reported gradient cancels the step exactly."""
+    cfg = tiny_config(strategy="scaffold", **{"local-steps": 1})
+    exp = prepare_experiment(cfg, progress=False)
+    names = [n for n, _ in exp.build_model().named_parameters()]
+    zero = ArrayRecord({n: Array(np.zeros(p.shape, np.float32)) for n, p in exp.build_model().named_parameters()})
+    model, out = call_client(client_app.train, cfg, exp, "G0", {}, records={CORRECTION: zero})
+    gradient = out.content[CONTROL]
+    assert set(gradient) == set(names) and any(np.abs(gradient[n].numpy()).max() > 0 for n in names)
+    moved = out.content["arrays"].to_torch_state_dict()
+    start = model.state_dict()
+    assert any(not np.allclose(moved[n], start[n]) for n in names)
+    cancel = ArrayRecord({n: Array(-gradient[n].numpy()) for n in names})
+    model, out = call_client(client_app.train, cfg, exp, "G0", {}, records={CORRECTION: cancel})
+    kept, start = out.content["arrays"].to_torch_state_dict(), model.state_dict()
+    assert all(np.allclose(kept[n], start[n], atol=1e-6) for n in names)
+
+
+def call_client(function, cfg, exp, group, config: dict, node_config=None, records: dict | None = None):
     model = exp.build_model()
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
                           "config": ConfigRecord({"lr": cfg.lr, "local-steps": cfg.local_steps, "server-round": 1,
-                                                  "group": group, **config})})
+                                                  "group": group, **config}), **(records or {})})
     message = reply(0, content, kind="train")
     context = Context(run_id=1, node_id=7, node_config=node_config or {"partition-id": 0, "num-partitions": 1},
                       state=RecordDict(), run_config=cfg.to_mapping())
@@ -89,7 +170,7 @@ def test_client_replies_carry_only_arrays_and_scalar_metrics(tiny_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "scaffold"])
 def test_flwr_run_simulation_end_to_end(tiny_config, tmp_path, strategy):
     from pluralllm_flwr.cli import main
 
