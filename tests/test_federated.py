@@ -77,6 +77,21 @@ def test_fedavgm_steps_on_the_averaged_update_with_momentum(tiny_config, tmp_pat
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], [5.0, 5.0])  # 2 + 2 * (0.5 * 1 + 1)
 
 
+def test_lr_schedule_scales_the_clients_lr_and_an_adaptive_server_step(tiny_config, tmp_path, monkeypatch):
+    from pluralllm_flwr.training import lr_factor
+
+    for key in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    cfg = tiny_config(strategy="fedadam", **{"server-lr": 0.01, "num-server-rounds": 4})
+    strategy = strategy_for(cfg, tmp_path)
+    messages = strategy.configure_train(3, ArrayRecord(strategy.model.state_dict()), ConfigRecord({"lr": cfg.lr}),
+                                        FakeGrid({5: ["G0", "G1", "G3", "G4"]}))
+    factor = lr_factor(2, 4, "cosine", 0)
+    assert 0 < factor < 1
+    assert strategy.eta == pytest.approx(0.01 * factor)
+    assert len(messages) == 4 and all(m.content["config"]["lr"] == pytest.approx(cfg.lr * factor) for m in messages)
+
+
 @pytest.mark.parametrize("strategy", ["fedadam", "fedyogi"])
 def test_adaptive_server_step_is_normalised(tiny_config, tmp_path, strategy):
     """The server moves each weight toward the average by about server-lr, however small the update
