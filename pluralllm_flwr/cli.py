@@ -52,6 +52,12 @@ def _run_config_arg(parser: argparse.ArgumentParser) -> None:
                              "data-path='/abs/human_resp'\" (keys: pyproject.toml [tool.flwr.app.config])")
 
 
+def _overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="start again in an out-dir that holds a run, "
+                        "keeping the old one aside as <out-dir>.replaced-<time> (without it such a run is refused "
+                        "unless resume=true)")
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from .embeddings import embed_questions
     from .features import FEATURES, option_features, separation
@@ -78,7 +84,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_centralized(args: argparse.Namespace) -> int:
     from .centralized import train_centralized
 
-    writer = train_centralized(_run_config(args), compute_matched=args.compute_matched)
+    writer = train_centralized(_run_config(args), compute_matched=args.compute_matched, overwrite=args.overwrite)
     _print_outcome(writer.results, writer.out_dir)
     return 0
 
@@ -90,6 +96,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     cfg = _run_config(args)
     cfg = cfg.replace(out_dir=str(out_dir_for(cfg, cfg.strategy)))  # absolute: the ServerApp runs elsewhere
+    _claim(cfg, args.overwrite)
     exp = prepare_experiment(cfg)  # validate and embed here, with progress, before Flower starts
     nodes = args.num_supernodes or len(exp.split.train)
     print(f"simulating {len(exp.split.train)} training groups on {nodes} virtual SuperNodes; results in {cfg.out_dir}",
@@ -97,6 +104,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     simulate(cfg, nodes, timeout=args.timeout, echo=progress_only if args.quiet else print)
     _print_outcome(load_results(cfg.out_dir), Path(cfg.out_dir))
     return 0
+
+
+def _claim(cfg: RunConfig, overwrite: bool) -> None:
+    """Check the out-dir (and a resume) here, in a second, rather than in the ServerApp after Flower started."""
+    from .results import claim_run_dir
+
+    aside = claim_run_dir(cfg, cfg.out_dir, overwrite=overwrite, method=cfg.strategy)
+    if aside:
+        print(f"the earlier run in {cfg.out_dir} is kept in {aside}", flush=True)
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
@@ -137,6 +153,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     cfg = RunConfig.from_mapping(given)
     defaults = {k: v for k, v in deployment_defaults(args.groups).items() if k.replace("_", "-") not in given}
     cfg = cfg.replace(out_dir=str(out_dir_for(cfg, cfg.strategy)), **defaults)
+    _claim(cfg, args.overwrite)
     print(f"deploying {args.groups} SuperNodes and a SuperLink on 127.0.0.1 ({'no TLS' if args.insecure else 'TLS'}); "
           f"results in {cfg.out_dir}", flush=True)
     outcome = deploy_local(cfg, args.groups, insecure=args.insecure, timeout=args.timeout,
@@ -166,7 +183,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides = [" ".join(f"{k}={v}" for k, v in DEMO_FEDERATION.items()),
                  f"dataset='{args.dataset}' data-path='{Path(args.path).resolve() if args.path else ''}' "
                  f"num-server-rounds={args.rounds} out-dir='{run_dir / 'fedavg'}'", *(args.run_config or [])]
-    status = cmd_simulate(argparse.Namespace(run_config=overrides, num_supernodes=0, timeout=None, quiet=True))
+    status = cmd_simulate(argparse.Namespace(run_config=overrides, num_supernodes=0, timeout=None, quiet=True,
+                                             overwrite=False))
     if status:
         return status
     cmd_report(argparse.Namespace(runs=[str(run_dir / "fedavg")], out=str(run_dir)))
@@ -266,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_config_arg(p)
     p.add_argument("--compute-matched", action="store_true", help="num-server-rounds x local-steps epochs: as many "
                    "episodes (the same work) as the federated run, instead of num-server-rounds epochs")
+    _overwrite_arg(p)
     p.set_defaults(func=cmd_centralized)
 
     p = sub.add_parser("simulate", help="run the Flower app in simulation (flwr run, checked and cleaned up)")
@@ -273,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-supernodes", type=int, default=0, help="virtual SuperNodes (default: one per training group)")
     p.add_argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
     p.add_argument("--quiet", action="store_true", help="show PluralLLM's progress lines only, not Flower's log")
+    _overwrite_arg(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("bundle", help="write per-group data bundles: all a group's SuperNode (or the server, for "
@@ -291,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--insecure", action="store_true", help="no TLS (loopback only; TLS with a demo CA otherwise)")
     q.add_argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
     q.add_argument("--quiet", action="store_true", help="show PluralLLM's progress lines only, not Flower's log")
+    _overwrite_arg(q)
     q.set_defaults(func=cmd_deploy_local)
     q = deploy.add_parser("certs", help="a demo certificate authority and a SuperLink certificate (TLS)")
     q.add_argument("--out-dir", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
