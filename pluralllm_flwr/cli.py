@@ -372,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     except (D.DataError, ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"pluralllm: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pluralllm: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (processes.stop_signals_as_interrupt)
+        print(f"pluralllm: interrupted{f' ({exc})' if str(exc) else ''}", file=sys.stderr)
         return 130
 
 
