@@ -6,11 +6,12 @@ import json
 import logging
 import shlex
 import sys
+import traceback
 
 from pathlib import Path
 
 from . import data as D
-from .config import DATASETS, DEMO_FEDERATION, ConfigError, RunConfig
+from .config import DATASETS, DEMO_FEDERATION, ConfigError, RunConfig, parse_overrides
 
 
 def _dataset_args(parser: argparse.ArgumentParser, with_json: bool = True) -> None:
@@ -40,10 +41,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
-    """The pyproject defaults with `--run-config` overrides, parsed exactly as `flwr run` parses them."""
-    from flwr.common.config import parse_config_args
-
-    return RunConfig.from_mapping(parse_config_args(args.run_config))
+    """The pyproject defaults with `--run-config` overrides, parsed as `flwr run` parses them (over a
+    command's own `defaults`, as the demo's)."""
+    return RunConfig.from_mapping({**getattr(args, "defaults", {}), **parse_overrides(args.run_config)})
 
 
 def _run_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -143,13 +143,11 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
-    from flwr.common.config import parse_config_args
-
     from .deploy import deploy_local, deployment_defaults
     from .results import load_results, out_dir_for
     from .simulation import progress_only
 
-    given = parse_config_args(args.run_config)
+    given = parse_overrides(args.run_config)
     cfg = RunConfig.from_mapping(given)
     defaults = {k: v for k, v in deployment_defaults(args.groups).items() if k.replace("_", "-") not in given}
     cfg = cfg.replace(out_dir=str(out_dir_for(cfg, cfg.strategy)), **defaults)
@@ -180,11 +178,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
     run_dir = (Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
-    overrides = [" ".join(f"{k}={v}" for k, v in DEMO_FEDERATION.items()),
-                 f"dataset='{args.dataset}' data-path='{Path(args.path).resolve() if args.path else ''}' "
-                 f"num-server-rounds={args.rounds} out-dir='{run_dir / 'fedavg'}'", *(args.run_config or [])]
-    status = cmd_simulate(argparse.Namespace(run_config=overrides, num_supernodes=0, timeout=None, quiet=True,
-                                             overwrite=False))
+    defaults = {**DEMO_FEDERATION, "dataset": args.dataset, "data-path": str(Path(args.path).resolve()) if args.path
+                else "", "num-server-rounds": args.rounds, "out-dir": str(run_dir / "fedavg")}  # -c still wins
+    status = cmd_simulate(argparse.Namespace(run_config=args.run_config, defaults=defaults, num_supernodes=0,
+                                             timeout=None, quiet=True, overwrite=False))
     if status:
         return status
     cmd_report(argparse.Namespace(runs=[str(run_dir / "fedavg")], out=str(run_dir)))
@@ -205,8 +202,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     """The paper's comparison and the ablations (reproduce.py), then the report (reproduction_report.py)."""
     from dataclasses import replace
 
-    from flwr.common.config import parse_config_args
-
     from .reproduce import PAPER_PREDICTOR, SCALES, load_manifest, reproduce
     from .reproduction_report import write_reproduction_report
 
@@ -223,7 +218,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if not datasets:
             raise ConfigError("name the datasets: --dataset opinionqa=PATH/human_resp and/or --dataset globalopinionqa[=CSV]")
         # The paper's predictor on its raw embeddings, unless -c names another model or features.
-        paper = RunConfig.from_mapping({**PAPER_PREDICTOR, **parse_config_args(args.run_config)})
+        paper = RunConfig.from_mapping({**PAPER_PREDICTOR, **parse_overrides(args.run_config)})
         manifest = reproduce(datasets, scale, paper, out, echo=lambda line: print(line, flush=True),
                              command=command)
     report = args.report or (out / "results.md" if scale.name == "smoke" else "docs/results.md")
@@ -370,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (D.DataError, ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        if args.verbose:
+            traceback.print_exc()
         print(f"pluralllm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (processes.stop_signals_as_interrupt)
