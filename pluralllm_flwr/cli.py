@@ -22,8 +22,14 @@ def _dataset_args(parser: argparse.ArgumentParser, with_json: bool = True) -> No
         parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
+def _dataset_config(args: argparse.Namespace, **more) -> RunConfig:
+    if args.dataset == "opinionqa" and not args.path:
+        raise ConfigError("--dataset opinionqa needs --path: OpinionQA's human_resp folder, e.g. --path /abs/human_resp")
+    return RunConfig(dataset=args.dataset, data_path=args.path, **more)
+
+
 def cmd_data(args: argparse.Namespace) -> int:
-    cfg = RunConfig(dataset=args.dataset, data_path=args.path)
+    cfg = _dataset_config(args)
     info = D.summary(D.load_dataset(cfg))
     if args.json:
         print(json.dumps(info, indent=2))
@@ -62,7 +68,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from .embeddings import embed_questions
     from .features import FEATURES, option_features, separation
 
-    cfg = RunConfig(dataset=args.dataset, data_path=args.path, cache_dir=args.cache_dir)
+    cfg = _dataset_config(args, cache_dir=args.cache_dir)
     data = D.load_dataset(cfg)
     table, info = embed_questions(data.questions, args.model, cache_dir=cfg.cache_path, device=args.device,
                                   dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
