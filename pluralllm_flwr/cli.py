@@ -100,6 +100,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .results import load_results, out_dir_for
     from .simulation import progress_only, simulate
 
+    if args.num_supernodes < 0:
+        raise ConfigError(f"--num-supernodes must be at least 1 (or 0: one per training group), got {args.num_supernodes}")
     cfg = _run_config(args)
     cfg = cfg.replace(out_dir=str(out_dir_for(cfg, cfg.strategy)))  # absolute: the ServerApp runs elsewhere
     _claim(cfg, args.overwrite)
@@ -153,6 +155,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     from .results import load_results, out_dir_for
     from .simulation import progress_only
 
+    if args.groups < 1:
+        raise ConfigError(f"--groups must be at least 1, got {args.groups}")
     given = parse_overrides(args.run_config)
     cfg = RunConfig.from_mapping(given)
     defaults = {k: v for k, v in deployment_defaults(args.groups).items() if k.replace("_", "-") not in given}
