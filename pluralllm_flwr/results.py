@@ -98,6 +98,11 @@ class ResultsWriter:
         writer.eval_seconds = last["wall_seconds"] - last.get("train_seconds", last["wall_seconds"])
         return writer, state, round_
 
+    def not_counted(self, seconds: float) -> None:
+        """Leave `seconds` spent before training (a deployment waiting for its SuperNodes) out of the
+        wall and training times: round 0 then reports the evaluation only."""
+        self.started += seconds
+
     @property
     def history(self) -> list[dict]:
         return self.results["history"]
