@@ -3,9 +3,10 @@ training group that holds nothing but that group's bundle.
 
 `deploy_local` runs them all on 127.0.0.1, each with its own FLWR_HOME and ports, runs the app with
 `flwr run`, checks the run's final status and stops every process it caused whatever happens (a
-failed run, Ctrl-C, SIGTERM, SIGHUP; after a SIGKILL its watchdog does, `processes.Ownership`). TLS is on unless `insecure` (meant for loopback only);
-`make_certificates` creates the demo certificate authority and the SuperLink's certificate.
-docs/deployment.md shows the same federation on separate machines.
+failed run, Ctrl-C, SIGTERM, SIGHUP; after a SIGKILL its watchdog does, `processes.Ownership`).
+TLS is on unless `insecure` (meant for loopback only); `make_certificates` creates the demo
+certificate authority and the SuperLink's certificate. docs/deployment.md shows the same federation
+on separate machines.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ flwr 1.42's `flwr run --stream` exits 0 even when the run failed, leaves the loc
 started running, reuses any SuperLink already on its port, and (by default) would `uv sync` the
 project's dependencies into a fresh venv. This wrapper runs each simulation hermetically — its own
 FLWR_HOME and ports, runtime dependency installation off — streams the log, reads the run's final
-status, and always stops every process it caused (`processes.py`). `deploy.py` runs real deployments with the same
-helpers (`flwr_env`, `run_and_check`, `free_port`).
+status, and always stops every process it caused (`processes.py`). `deploy.py` runs real
+deployments with the same helpers (`flwr_env`, `run_and_check`, `free_port`).
 """
 from __future__ import annotations
 
