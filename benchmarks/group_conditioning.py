@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pluralllm_flwr.centralized import train_centralized  # noqa: E402
-from pluralllm_flwr.config import DEMO_FEDERATION, RunConfig  # noqa: E402
+from pluralllm_flwr.config import DEMO_FEDERATION, RunConfig, parse_overrides  # noqa: E402
 from pluralllm_flwr.data import prepare  # noqa: E402
 from pluralllm_flwr.report import baseline_lines, focus_limits  # noqa: E402
 from pluralllm_flwr.reproduce import run_or_reuse  # noqa: E402
@@ -59,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/group_conditioning")
     p.add_argument("--report", default="docs/conditioning", help="folder for results.md and the figures")
     args = p.parse_args(argv)
-    from flwr.common.config import parse_config_args
-
     if args.threads:
         import torch
 
@@ -70,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
     base = {"dataset": "opinionqa", "data-path": str(Path(args.data).resolve()),
-            "heldout-questions": args.heldout_questions, **parse_config_args([args.run_config] if args.run_config else [])}
+            "heldout-questions": args.heldout_questions, **parse_overrides([args.run_config])}
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     nodes = len(prepare(RunConfig.from_mapping(base))[1].train)  # a bad path or setting fails here, before any run

@@ -6,11 +6,12 @@ import json
 import logging
 import shlex
 import sys
+import traceback
 
 from pathlib import Path
 
 from . import data as D
-from .config import DATASETS, DEMO_FEDERATION, ConfigError, RunConfig
+from .config import DATASETS, DEMO_FEDERATION, ConfigError, RunConfig, parse_overrides
 
 
 def _dataset_args(parser: argparse.ArgumentParser, with_json: bool = True) -> None:
@@ -21,8 +22,14 @@ def _dataset_args(parser: argparse.ArgumentParser, with_json: bool = True) -> No
         parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
+def _dataset_config(args: argparse.Namespace, **more) -> RunConfig:
+    if args.dataset == "opinionqa" and not args.path:
+        raise ConfigError("--dataset opinionqa needs --path: OpinionQA's human_resp folder, e.g. --path /abs/human_resp")
+    return RunConfig(dataset=args.dataset, data_path=args.path, **more)
+
+
 def cmd_data(args: argparse.Namespace) -> int:
-    cfg = RunConfig(dataset=args.dataset, data_path=args.path)
+    cfg = _dataset_config(args)
     info = D.summary(D.load_dataset(cfg))
     if args.json:
         print(json.dumps(info, indent=2))
@@ -40,10 +47,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
-    """The pyproject defaults with `--run-config` overrides, parsed exactly as `flwr run` parses them."""
-    from flwr.common.config import parse_config_args
-
-    return RunConfig.from_mapping(parse_config_args(args.run_config))
+    """The pyproject defaults with `--run-config` overrides, parsed as `flwr run` parses them (over a
+    command's own `defaults`, as the demo's)."""
+    return RunConfig.from_mapping({**getattr(args, "defaults", {}), **parse_overrides(args.run_config)})
 
 
 def _run_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -52,11 +58,17 @@ def _run_config_arg(parser: argparse.ArgumentParser) -> None:
                              "data-path='/abs/human_resp'\" (keys: pyproject.toml [tool.flwr.app.config])")
 
 
+def _overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="start again in an out-dir that holds a run, "
+                        "keeping the old one aside as <out-dir>.replaced-<time> (without it such a run is refused "
+                        "unless resume=true)")
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from .embeddings import embed_questions
     from .features import FEATURES, option_features, separation
 
-    cfg = RunConfig(dataset=args.dataset, data_path=args.path, cache_dir=args.cache_dir)
+    cfg = _dataset_config(args, cache_dir=args.cache_dir)
     data = D.load_dataset(cfg)
     table, info = embed_questions(data.questions, args.model, cache_dir=cfg.cache_path, device=args.device,
                                   dtype=args.dtype, batch_size=args.batch_size, max_length=args.max_length)
@@ -78,7 +90,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_centralized(args: argparse.Namespace) -> int:
     from .centralized import train_centralized
 
-    writer = train_centralized(_run_config(args), compute_matched=args.compute_matched)
+    writer = train_centralized(_run_config(args), compute_matched=args.compute_matched, overwrite=args.overwrite)
     _print_outcome(writer.results, writer.out_dir)
     return 0
 
@@ -88,8 +100,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .results import load_results, out_dir_for
     from .simulation import progress_only, simulate
 
+    if args.num_supernodes < 0:
+        raise ConfigError(f"--num-supernodes must be at least 1 (or 0: one per training group), got {args.num_supernodes}")
     cfg = _run_config(args)
     cfg = cfg.replace(out_dir=str(out_dir_for(cfg, cfg.strategy)))  # absolute: the ServerApp runs elsewhere
+    _claim(cfg, args.overwrite)
     exp = prepare_experiment(cfg)  # validate and embed here, with progress, before Flower starts
     nodes = args.num_supernodes or len(exp.split.train)
     print(f"simulating {len(exp.split.train)} training groups on {nodes} virtual SuperNodes; results in {cfg.out_dir}",
@@ -97,6 +112,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     simulate(cfg, nodes, timeout=args.timeout, echo=progress_only if args.quiet else print)
     _print_outcome(load_results(cfg.out_dir), Path(cfg.out_dir))
     return 0
+
+
+def _claim(cfg: RunConfig, overwrite: bool) -> None:
+    """Check the out-dir (and a resume) here, in a second, rather than in the ServerApp after Flower started."""
+    from .results import claim_run_dir
+
+    aside = claim_run_dir(cfg, cfg.out_dir, overwrite=overwrite, method=cfg.strategy)
+    if aside:
+        print(f"the earlier run in {cfg.out_dir} is kept in {aside}", flush=True)
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
@@ -127,16 +151,17 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
-    from flwr.common.config import parse_config_args
-
     from .deploy import deploy_local, deployment_defaults
     from .results import load_results, out_dir_for
     from .simulation import progress_only
 
-    given = parse_config_args(args.run_config)
+    if args.groups < 1:
+        raise ConfigError(f"--groups must be at least 1, got {args.groups}")
+    given = parse_overrides(args.run_config)
     cfg = RunConfig.from_mapping(given)
     defaults = {k: v for k, v in deployment_defaults(args.groups).items() if k.replace("_", "-") not in given}
     cfg = cfg.replace(out_dir=str(out_dir_for(cfg, cfg.strategy)), **defaults)
+    _claim(cfg, args.overwrite)
     print(f"deploying {args.groups} SuperNodes and a SuperLink on 127.0.0.1 ({'no TLS' if args.insecure else 'TLS'}); "
           f"results in {cfg.out_dir}", flush=True)
     outcome = deploy_local(cfg, args.groups, insecure=args.insecure, timeout=args.timeout,
@@ -163,10 +188,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
     run_dir = (Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
-    overrides = [" ".join(f"{k}={v}" for k, v in DEMO_FEDERATION.items()),
-                 f"dataset='{args.dataset}' data-path='{Path(args.path).resolve() if args.path else ''}' "
-                 f"num-server-rounds={args.rounds} out-dir='{run_dir / 'fedavg'}'", *(args.run_config or [])]
-    status = cmd_simulate(argparse.Namespace(run_config=overrides, num_supernodes=0, timeout=None, quiet=True))
+    defaults = {**DEMO_FEDERATION, "dataset": args.dataset, "data-path": str(Path(args.path).resolve()) if args.path
+                else "", "num-server-rounds": args.rounds, "out-dir": str(run_dir / "fedavg")}  # -c still wins
+    status = cmd_simulate(argparse.Namespace(run_config=args.run_config, defaults=defaults, num_supernodes=0,
+                                             timeout=None, quiet=True, overwrite=False))
     if status:
         return status
     cmd_report(argparse.Namespace(runs=[str(run_dir / "fedavg")], out=str(run_dir)))
@@ -187,8 +212,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     """The paper's comparison and the ablations (reproduce.py), then the report (reproduction_report.py)."""
     from dataclasses import replace
 
-    from flwr.common.config import parse_config_args
-
     from .reproduce import PAPER_PREDICTOR, SCALES, load_manifest, reproduce
     from .reproduction_report import write_reproduction_report
 
@@ -205,7 +228,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if not datasets:
             raise ConfigError("name the datasets: --dataset opinionqa=PATH/human_resp and/or --dataset globalopinionqa[=CSV]")
         # The paper's predictor on its raw embeddings, unless -c names another model or features.
-        paper = RunConfig.from_mapping({**PAPER_PREDICTOR, **parse_config_args(args.run_config)})
+        paper = RunConfig.from_mapping({**PAPER_PREDICTOR, **parse_overrides(args.run_config)})
         manifest = reproduce(datasets, scale, paper, out, echo=lambda line: print(line, flush=True),
                              command=command)
     report = args.report or (out / "results.md" if scale.name == "smoke" else "docs/results.md")
@@ -266,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_config_arg(p)
     p.add_argument("--compute-matched", action="store_true", help="num-server-rounds x local-steps epochs: as many "
                    "episodes (the same work) as the federated run, instead of num-server-rounds epochs")
+    _overwrite_arg(p)
     p.set_defaults(func=cmd_centralized)
 
     p = sub.add_parser("simulate", help="run the Flower app in simulation (flwr run, checked and cleaned up)")
@@ -273,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-supernodes", type=int, default=0, help="virtual SuperNodes (default: one per training group)")
     p.add_argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
     p.add_argument("--quiet", action="store_true", help="show PluralLLM's progress lines only, not Flower's log")
+    _overwrite_arg(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("bundle", help="write per-group data bundles: all a group's SuperNode (or the server, for "
@@ -291,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--insecure", action="store_true", help="no TLS (loopback only; TLS with a demo CA otherwise)")
     q.add_argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
     q.add_argument("--quiet", action="store_true", help="show PluralLLM's progress lines only, not Flower's log")
+    _overwrite_arg(q)
     q.set_defaults(func=cmd_deploy_local)
     q = deploy.add_parser("certs", help="a demo certificate authority and a SuperLink certificate (TLS)")
     q.add_argument("--out-dir", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
@@ -349,10 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (D.DataError, ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        if args.verbose:
+            traceback.print_exc()
         print(f"pluralllm: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pluralllm: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (processes.stop_signals_as_interrupt)
+        print(f"pluralllm: interrupted{f' ({exc})' if str(exc) else ''}", file=sys.stderr)
         return 130
 
 

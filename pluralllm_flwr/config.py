@@ -9,9 +9,16 @@ same outside `flwr run`.
 from __future__ import annotations
 
 import dataclasses
+import re
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 DATASETS = ("globalopinionqa", "opinionqa")
 STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")  # strategies.STRATEGIES
@@ -218,6 +225,32 @@ class RunConfig:
         if raw in ("", "auto"):
             return raw
         return [g.strip() for g in raw.split(";" if ";" in raw else ",") if g.strip()]
+
+
+# `flwr run --run-config` splits its text into KEY=VALUE pairs so (flwr.common.config.parse_config_args).
+_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+
+
+def parse_overrides(texts: list[str] | None) -> dict[str, Any]:
+    """`-c`/`--run-config` texts as `flwr run` reads them (KEY=VALUE pairs, each VALUE a TOML value),
+    but every malformed pair, stray word or key given twice is a ConfigError naming it (Flower says only
+    that the text as a whole is invalid)."""
+    values: dict[str, Any] = {}
+    for text in texts or []:
+        stray = _PAIR.sub(" ", text).split()
+        if stray:
+            raise ConfigError(f"-c {text!r}: {stray[0]!r} is not KEY=VALUE (separate pairs by spaces, quote text "
+                              "values: key='some text')")
+        for key, raw in _PAIR.findall(text):
+            try:
+                value = tomllib.loads(f"{key} = {raw}")[key]
+            except (tomllib.TOMLDecodeError, KeyError):
+                raise ConfigError(f"-c {key}={raw}: {raw} is not a number, true/false or a quoted string (text "
+                                  f"needs quotes: {key}='{raw.strip(chr(39) + chr(34))}')") from None
+            if key in values:
+                raise ConfigError(f"-c: run-config key {key!r} is given twice ({key}={values[key]!r} and {key}={value!r})")
+            values[key] = value
+    return values
 
 
 def _kebab(name: str) -> str:

@@ -47,6 +47,7 @@ class PreferenceData:
     questions: list[Question]
     answers: dict[str, dict[int, np.ndarray]]  # group -> question index -> distribution (sums to 1)
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count, see `pluralllm data`
+    unusable: list[str] = field(default_factory=list)  # groups in the files with no usable answer at all
 
     @property
     def groups(self) -> list[str]:
@@ -95,6 +96,7 @@ OPINIONQA_EVAL = ["South", "Female", "Less than high school", "Less than $30,000
 OPINIONQA_ATTRIBUTES = ("AGE", "CREGION", "EDUCATION", "INCOME", "POLIDEOLOGY", "POLPARTY", "RACE", "SEX")
 REFUSAL = "Refused"
 SUM_TOLERANCE = 0.01  # distributions summing within 1% of 1 are renormalised; further off is an error
+MAX_OPTIONS = 26  # GPO's prompt letters its options A..Z (embeddings.LETTERS)
 
 _DEFAULTDICT = re.compile(r"^\s*defaultdict\(\s*<class 'list'>\s*,\s*(\{.*\})\s*\)\s*$", re.S)
 
@@ -102,12 +104,11 @@ _DEFAULTDICT = re.compile(r"^\s*defaultdict\(\s*<class 'list'>\s*,\s*(\{.*\})\s*
 def load_globalopinionqa(path: str | Path | None = None, cache_dir: str | Path | None = None) -> PreferenceData:
     """GlobalOpinionQA in the hub's CSV format; downloaded (and cached) when no path is given."""
     path = Path(path) if path else download_globalopinionqa(cache_dir)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; GlobalOpinionQA is one CSV file (global_opinions.csv): give its path")
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected GlobalOpinionQA's global_opinions.csv)")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV file ({exc})") from None
+    frame = _read_csv(path, "GlobalOpinionQA's columns question, selections, options, source")
     missing = {"question", "selections", "options"} - set(frame.columns)
     if missing:
         raise DataError(f"{path}: missing column(s) {sorted(missing)}; GlobalOpinionQA has "
@@ -115,21 +116,24 @@ def load_globalopinionqa(path: str | Path | None = None, cache_dir: str | Path |
     questions: list[Question] = []
     answers: dict[str, dict[int, np.ndarray]] = {}
     dropped: Counter[str] = Counter()
+    seen: set[str] = set()
     for row, (text, selections, options) in enumerate(zip(frame["question"], frame["selections"], frame["options"])):
         where = f"{path} row {row + 1} (question {_short(text)!r})"
         opts = tuple(_option_label(o) for o in _literal(options, list, where, "options"))
-        if len(opts) < 2:
-            raise DataError(f"{where}: needs at least 2 options, got {list(opts)}")
+        check_options(opts, where)
         match = _DEFAULTDICT.match(selections)
         per_group = _literal(match.group(1) if match else selections, dict, where, "selections")
         qid = len(questions)
         questions.append(Question(key=str(row), text=text.strip(), options=opts))
         for group, values in per_group.items():
+            seen.add(str(group))
             dist = _distribution(values, len(opts), f"{where}, group {group!r}", dropped)
             if dist is not None:
                 answers.setdefault(str(group), {})[qid] = dist
+    if not questions:
+        raise DataError(f"{path}: no questions (a header and no rows)")
     log.info("loaded %d GlobalOpinionQA questions from %s", len(questions), path)
-    return PreferenceData("globalopinionqa", questions, answers, dict(dropped))
+    return PreferenceData("globalopinionqa", questions, answers, dict(dropped), sorted(seen - set(answers)))
 
 
 def download_globalopinionqa(cache_dir: str | Path | None = None) -> Path:
@@ -172,6 +176,7 @@ def load_opinionqa(path: str | Path) -> PreferenceData:
     qid_of: dict[str, int] = {}
     counts: dict[tuple[str, str], dict[int, np.ndarray]] = {}  # (attribute, value) -> qid -> distribution
     repeated: set[tuple[str, str]] = set()  # (survey, key) of questions an earlier survey already had
+    seen: set[tuple[str, str]] = set()  # every (attribute, value) with answer counts, usable or not
     for survey in surveys:
         info = _opinionqa_info(survey)
         seen_here: set[str] = set()
@@ -180,10 +185,14 @@ def load_opinionqa(path: str | Path) -> PreferenceData:
             if not file.is_file():
                 continue
             try:
-                blob = json.loads(file.read_text())
+                blob = json.loads(file.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{file}: not UTF-8 text (byte {exc.object[exc.start]:#x} at offset {exc.start})") from None
             except json.JSONDecodeError as exc:
                 raise DataError(f"{file}: not valid JSON ({exc})") from None
+            _expect(blob, dict, f"{file}", "the file", "question keys to entries")
             for key, entry in blob.items():
+                _expect(entry, dict, f"{file}, question {key!r}", "its entry", "groups to answer counts")
                 if key not in info:
                     raise DataError(f"{file}: question {key!r} is not in {survey / 'info.csv'}")
                 if key in qid_of and key not in seen_here:
@@ -202,23 +211,28 @@ def load_opinionqa(path: str | Path) -> PreferenceData:
                         dropped[f"answers of the non-group {value or 'empty'!r}"] += 1
                         continue
                     where = f"{file}, question {key!r}, group {value!r}"
+                    _expect(option_counts, dict, where, "the answer counts", "options to counts")
+                    seen.add((attr, value))
                     dist = _counts_to_distribution(option_counts, question.options, where, dropped)
                     if dist is not None:
                         counts.setdefault((attr, value), {})[qid_of[key]] = dist
+    if not questions:
+        raise DataError(f"{root}: no questions in any survey's <ATTRIBUTE>_data.json "
+                        f"(attributes {', '.join(OPINIONQA_ATTRIBUTES)})")
     if repeated:
         dropped["question repeated in a later survey (first kept)"] = len(repeated)
-    attrs_of = Counter(value for _, value in counts)
-    answers = {(f"{value} ({attr})" if attrs_of[value] > 1 else value): dists
-               for (attr, value), dists in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1]))}
+    attrs_of = Counter(value for _, value in seen)
+    name = {(attr, value): f"{value} ({attr})" if attrs_of[value] > 1 else value for attr, value in seen}
+    answers = {name[group]: dists for group, dists in sorted(counts.items())}
     log.info("loaded %d OpinionQA questions from %d surveys in %s", len(questions), len(surveys), root)
-    return PreferenceData("opinionqa", questions, answers, dict(dropped))
+    return PreferenceData("opinionqa", questions, answers, dict(dropped), sorted(set(name.values()) - set(answers)))
 
 
 def _opinionqa_info(survey: Path) -> dict[str, tuple[str, tuple[str, ...], tuple[float, ...] | None]]:
     file = survey / "info.csv"
     if not file.is_file():
         raise DataError(f"{file}: missing (every OpinionQA survey folder has info.csv)")
-    frame = pd.read_csv(file, dtype=str, keep_default_na=False)
+    frame = _read_csv(file, "OpinionQA's info.csv columns key, question, references, option_ordinal")
     missing = {"key", "question", "references"} - set(frame.columns)
     if missing:
         raise DataError(f"{file}: missing column(s) {sorted(missing)}")
@@ -226,10 +240,13 @@ def _opinionqa_info(survey: Path) -> dict[str, tuple[str, tuple[str, ...], tuple
     for row, rec in enumerate(frame.to_dict("records")):
         where = f"{file} row {row + 1} (question {rec['key']!r})"
         options = tuple(str(o) for o in _literal(rec["references"], list, where, "references") if str(o) != REFUSAL)
+        check_options(options, where)
         ordinal = None
         if rec.get("option_ordinal"):
-            values = tuple(float(v) for v in _literal(rec["option_ordinal"], list, where, "option_ordinal"))
-            ordinal = values if len(values) == len(options) else None
+            values = _literal(rec["option_ordinal"], list, where, "option_ordinal")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise DataError(f"{where}: option_ordinal must be a list of numbers, got {_short(rec['option_ordinal'])!r}")
+            ordinal = tuple(float(v) for v in values) if len(values) == len(options) else None
         info[rec["key"]] = (rec["question"].strip(), options, ordinal)
     return info
 
@@ -239,9 +256,11 @@ def _counts_to_distribution(option_counts: dict, options: tuple[str, ...], where
     index = {o: i for i, o in enumerate(options)}
     folded = {o.casefold(): i for i, o in enumerate(options)}
     values = np.zeros(len(options))
+    answered = False  # any count besides refusals, even 0
     for option, count in option_counts.items():
         if option == REFUSAL:
             continue
+        answered = True
         i = index.get(option)
         if i is None:
             i = folded.get(option.casefold())
@@ -253,7 +272,7 @@ def _counts_to_distribution(option_counts: dict, options: tuple[str, ...], where
         values[i] += count
     total = values.sum()
     if total == 0:
-        dropped["no answers besides refusals (group answers)"] += 1
+        dropped["all-zero counts (group answers)" if answered else "no answers besides refusals (group answers)"] += 1
         return None
     return (values / total).astype(np.float32)
 
@@ -283,6 +302,33 @@ def _distribution(values, n_options: int, where: str, dropped: Counter) -> np.nd
     if abs(total - 1) > 1e-6:
         dropped["renormalised: sum within 1% of 1 (group answers, kept)"] += 1
     return (dist / total).astype(np.float32)
+
+
+def check_options(options: tuple[str, ...], where: str) -> None:
+    """What every consumer of a question needs (the lettered prompt, training, bundles, the reward model's
+    `check_question`): 2 to MAX_OPTIONS distinct, non-empty options."""
+    if not 2 <= len(options) <= MAX_OPTIONS:
+        raise DataError(f"{where}: needs 2 to {MAX_OPTIONS} options, got {len(options)}")
+    if any(not isinstance(o, str) or not o.strip() for o in options) or len(set(options)) != len(options):
+        raise DataError(f"{where}: options must be distinct non-empty strings, got {list(options)}")
+
+
+def _read_csv(path: Path, expected: str) -> pd.DataFrame:
+    """A CSV as text cells; an empty, non-UTF-8 or malformed file is a DataError naming it."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file (expected {expected})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#x} at offset {exc.start})") from None
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path}: not a readable CSV file ({exc})") from None
+
+
+def _expect(value, kind: type, where: str, what: str, meaning: str) -> None:
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: {what} must be a JSON object ({meaning}), got {type(value).__name__} "
+                        f"{_short(json.dumps(value), 40)}")
 
 
 def _literal(text: str, kind: type, where: str, column: str):
@@ -340,6 +386,10 @@ def split_groups(data: PreferenceData, cfg: RunConfig) -> GroupSplit:
     default = default_split(data.dataset)
     split = GroupSplit(train or default.train, held or default.eval)
     for key, names in (("train-groups", split.train), ("eval-groups", split.eval)):
+        unusable = [g for g in names if g in data.unusable]
+        if unusable:
+            raise DataError(f"run-config '{key}': group(s) {unusable} of {data.dataset} have no usable answer (every "
+                            "distribution of theirs is empty or all zeros; see `pluralllm data`)")
         unknown = [g for g in names if g not in data.answers]
         if unknown:
             raise DataError(f"run-config '{key}': unknown group(s) {unknown} in {data.dataset}; "

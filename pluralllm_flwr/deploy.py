@@ -2,10 +2,11 @@
 training group that holds nothing but that group's bundle.
 
 `deploy_local` runs them all on 127.0.0.1, each with its own FLWR_HOME and ports, runs the app with
-`flwr run`, checks the run's final status and stops every process it started, by PID, whatever
-happens (a failed run, Ctrl-C, SIGTERM). TLS is on unless `insecure` (meant for loopback only);
-`make_certificates` creates the demo certificate authority and the SuperLink's certificate.
-docs/deployment.md shows the same federation on separate machines.
+`flwr run`, checks the run's final status and stops every process it caused whatever happens (a
+failed run, Ctrl-C, SIGTERM, SIGHUP; after a SIGKILL its watchdog does, `processes.Ownership`).
+TLS is on unless `insecure` (meant for loopback only); `make_certificates` creates the demo
+certificate authority and the SuperLink's certificate. docs/deployment.md shows the same federation
+on separate machines.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import psutil
 from .bundle import safe_name, write_bundles
 from .config import ConfigError, RunConfig
 from .experiment import prepare_experiment
-from .simulation import APP_DIR, FLWR, flwr_env, free_port, run_and_check, run_config_toml, sigterm_as_interrupt
+from .processes import Ownership
+from .simulation import APP_DIR, FLWR, flwr_env, free_port, run_and_check, run_config_toml
 
 LOOPBACK = "127.0.0.1"
 CONNECTION = "pluralllm-local"  # the SuperLink connection name in the CLI's config.toml
@@ -106,15 +108,18 @@ def _is_ip(name: str) -> bool:
 class LocalDeployment:
     """A SuperLink and SuperNodes on 127.0.0.1 under `workdir` (FLWR_HOMEs, certificates, logs).
 
-    Use it as a context manager: on leaving — normally, on an error, on Ctrl-C or on SIGTERM (turned
-    into KeyboardInterrupt while inside) — every process it started is stopped, with the processes
-    those started (Flower's SuperExec, ServerApp and ClientApp processes), by PID."""
+    Use it as a context manager: on leaving — normally, on an error, on Ctrl-C, SIGTERM or SIGHUP
+    (turned into KeyboardInterrupt while inside) — the SuperNodes and then the SuperLink are stopped,
+    and with them every process they caused (Flower's SuperExec, ServerApp and ClientApp processes),
+    as `processes.Ownership` does; with `scratch` the workdir is removed too. `logs` defaults to
+    <workdir>/logs."""
 
-    def __init__(self, workdir: str | Path, *, insecure: bool = False, app_dir: Path = APP_DIR) -> None:
+    def __init__(self, workdir: str | Path, *, insecure: bool = False, app_dir: Path = APP_DIR,
+                 logs: str | Path | None = None, scratch: bool = False) -> None:
         self.workdir = Path(workdir).resolve()
         self.insecure, self.app_dir = insecure, app_dir
         self.port = free_port()
-        self.logs = self.workdir / "logs"
+        self.logs = Path(logs).resolve() if logs else self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.certs = None if insecure else make_certificates(self.workdir / "certs")
         self.processes: dict[str, subprocess.Popen] = {}
@@ -125,17 +130,20 @@ class LocalDeployment:
         connection.update({"insecure": True} if insecure else {"root-certificates": str(self.certs["ca"])})
         (self.cli_home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                                                    + run_config_toml(connection))
-        self._sigterm = sigterm_as_interrupt()
+        self.owner = Ownership(*([self.workdir] if scratch else []))
 
     def __enter__(self) -> "LocalDeployment":
-        self._sigterm.__enter__()
+        self.owner.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         try:
             self.stop()
         finally:
-            self._sigterm.__exit__(None, None, None)
+            self.owner.__exit__(None, None, None)
+
+    def env(self, home: Path) -> dict[str, str]:
+        return self.owner.env(flwr_env(home))
 
     # ------------------------------------------------------------------ processes
     def start_superlink(self) -> None:
@@ -162,7 +170,7 @@ class LocalDeployment:
         home = self.workdir / "home" / self.slugs[name]  # a restarted SuperNode keeps its FLWR_HOME
         home.mkdir(parents=True, exist_ok=True)
         with open(self.log_file(name), "a") as log:  # a restarted process appends to the same log
-            self.processes[name] = subprocess.Popen(command, env=flwr_env(home), cwd=home, stdout=log,
+            self.processes[name] = subprocess.Popen(command, env=self.env(home), cwd=home, stdout=log,
                                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                     start_new_session=True)  # no stray Ctrl-C: stopped in order
 
@@ -201,7 +209,7 @@ class LocalDeployment:
             for name, proc in self.processes.items():
                 if proc.poll() is not None:
                     raise DeployError(f"{name} exited with code {proc.returncode}:\n{self.tail(name)}")
-            out = subprocess.run([str(FLWR), "supernode", "ls", "--format", "json"], env=flwr_env(self.cli_home),
+            out = subprocess.run([str(FLWR), "supernode", "ls", "--format", "json"], env=self.env(self.cli_home),
                                  cwd=self.cli_home, capture_output=True, text=True, timeout=60)
             with contextlib.suppress(json.JSONDecodeError):
                 online = sum(n["status"] == "online" for n in json.loads(out.stdout).get("nodes", []))
@@ -221,7 +229,7 @@ class LocalDeployment:
             def tee(line: str) -> None:
                 log.write(line + "\n")
                 echo(line)
-            return run_and_check(command, flwr_env(self.cli_home), self.app_dir, timeout, tee)
+            return run_and_check(command, self.env(self.cli_home), self.app_dir, timeout, tee)
 
     def tail(self, name: str, lines: int = 30) -> str:
         path = self.log_file(name)
@@ -233,7 +241,7 @@ def deploy_local(cfg: RunConfig, groups: int, *, insecure: bool = False, timeout
                  echo=print, progress: bool = True) -> dict:
     """The app as a real federation on 127.0.0.1: bundles for the first `groups` training groups and
     for the held-out groups, one SuperNode per training group, the SuperLink holding the held-out
-    bundles (run-config eval-bundles), then `flwr run`. The logs are copied to <out-dir>/deploy-logs.
+    bundles (run-config eval-bundles), then `flwr run`. The logs go to <out-dir>/deploy-logs.
 
     Returns {"run_id", "status", "out_dir", "logs"}; raises FlowerRunError or DeployError when the run
     did not complete. Every process is stopped, and the scratch folder removed, before it returns."""
@@ -246,19 +254,16 @@ def deploy_local(cfg: RunConfig, groups: int, *, insecure: bool = False, timeout
     sep = ";" if any("," in g for g in chosen + split.eval) else ","  # "$100,000 or more" needs ";"
     cfg = cfg.replace(train_groups=sep.join(chosen), eval_groups=sep.join(split.eval))
     exp = prepare_experiment(cfg, progress=False)  # the questions common to exactly these groups
-    workdir = Path(tempfile.mkdtemp(prefix="pluralllm-deploy-"))
+    workdir, logs = Path(tempfile.mkdtemp(prefix="pluralllm-deploy-")), Path(cfg.out_dir) / "deploy-logs"
     try:
-        bundles = write_bundles(exp, chosen + exp.split.eval, workdir / "bundles")
-        cfg = cfg.replace(eval_bundles=",".join(str(bundles[g]) for g in exp.split.eval))
-        with LocalDeployment(workdir, insecure=insecure) as deployment:
+        with LocalDeployment(workdir, insecure=insecure, logs=logs, scratch=True) as deployment:
+            bundles = write_bundles(exp, chosen + exp.split.eval, workdir / "bundles")
+            cfg = cfg.replace(eval_bundles=",".join(str(bundles[g]) for g in exp.split.eval))
             deployment.start_superlink()
             for group in chosen:
                 deployment.start_supernode(group, bundles[group])
             deployment.wait_for_nodes(len(chosen))
             run = deployment.run(cfg, timeout, echo)
-        return {"run_id": run["run-id"], "status": run["status"], "out_dir": cfg.out_dir,
-                "logs": str(Path(cfg.out_dir) / "deploy-logs")}
     finally:
-        if (workdir / "logs").is_dir():
-            shutil.copytree(workdir / "logs", Path(cfg.out_dir) / "deploy-logs", dirs_exist_ok=True)
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)  # should the deployment itself fail to start
+    return {"run_id": run["run-id"], "status": run["status"], "out_dir": cfg.out_dir, "logs": str(logs)}

@@ -4,8 +4,9 @@ checkpoints of the best and the last model. Reports, benchmarks and the reproduc
 results.json = {"method", "dataset", "embedder", "seed", "config", "train_groups", "eval_groups",
 "baselines": {"uniform": {"alignment", "per_group"}, "train_mean": {..., "coverage"}} (train_mean is
 {"unavailable": reason} where the server holds no training group's answers, as in a deployment),
-"history": [{"round", "gradient_steps", "episodes", "wall_seconds", "train_seconds" (wall time minus the
-held-out evaluations, which every method runs alike), "alignment", "per_group",
+"history": [{"round", "gradient_steps", "episodes", "wall_seconds" (from the start of training: a federated
+run's wait for its nodes to connect is left out), "train_seconds" (wall time minus the held-out
+evaluations, which every method runs alike), "alignment", "per_group",
 "fairness": {"jain", "cov", "worst", ...}, "conditioning_gain" (own context minus another held-out group's
 answers to the same context questions, or null where that does not apply), "conditioning": {...},
 "context_curve": {"1": alignment, "5": ..., ...}, "unseen": {...} (with heldout-questions), ...}],
@@ -24,10 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 
 RESULTS_FILE, HISTORY_FILE = "results.json", "history.csv"
 BEST_CHECKPOINT, LAST_CHECKPOINT = "best.safetensors", "last.safetensors"
+TRAINER_STATE = "last.trainer.pt"  # what a centralized run needs besides the weights to resume exactly
+RUN_FILES = (RESULTS_FILE, HISTORY_FILE, BEST_CHECKPOINT, LAST_CHECKPOINT, TRAINER_STATE)
 # The baselines every run records (evaluation.evaluate_baselines), with their printed names.
 BASELINE_NAMES = {"uniform": "uniform", "train_mean": "train-mean", "nearest_group": "nearest group",
                   "context_mixture": "context mixture"}
@@ -39,8 +42,11 @@ class ResultsWriter:
     early still leaves valid results behind."""
 
     def __init__(self, out_dir: str | Path, method: str, cfg: RunConfig, train_groups: list[str],
-                 eval_groups: list[str], baselines: dict, checkpoint_metadata: dict | None = None) -> None:
+                 eval_groups: list[str], baselines: dict, checkpoint_metadata: dict | None = None, *,
+                 resumed: bool = False) -> None:
         self.out_dir = Path(out_dir).resolve()
+        if not resumed:
+            refuse_existing_run(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
         self.eval_seconds = 0.0
@@ -50,16 +56,20 @@ class ResultsWriter:
                         "baselines": baselines, "history": [], "best": None, "final": None}
 
     @classmethod
-    def resume(cls, out_dir: str | Path, cfg: RunConfig) -> tuple["ResultsWriter", dict[str, torch.Tensor], int]:
+    def resume(cls, out_dir: str | Path, cfg: RunConfig, *, method: str | None = None,
+               last_round: int | None = None) -> tuple["ResultsWriter", dict[str, torch.Tensor], int]:
         """Continue a stopped run: its results up to the last checkpoint, that checkpoint's weights and
         round. The run's configuration must be the same but for the number of rounds (which may grow
-        only under a constant learning rate: a schedule depends on the total)."""
+        only under a constant learning rate: a schedule depends on the total); `method`, when given, must
+        be the run's; `last_round` is where the run ends (default num-server-rounds)."""
         out = Path(out_dir).resolve()
         try:
             results = load_results(out)
             state, meta = load_checkpoint(out / LAST_CHECKPOINT)
         except (OSError, ValueError) as exc:  # missing, unreadable or corrupt files
             raise ValueError(f"cannot resume from {out}: {exc}") from None
+        if method is not None and results["method"] != method:
+            raise ValueError(f"cannot resume {out} as {method}: it holds a {results['method']} run")
         ignore = {"num-server-rounds", "resume"}
         before = {k: v for k, v in results["config"].items() if k not in ignore}
         now = {k: v for k, v in cfg.to_mapping().items() if k not in ignore}
@@ -74,27 +84,36 @@ class ResultsWriter:
         if "round" not in meta:
             raise ValueError(f"cannot resume from {out / LAST_CHECKPOINT}: it records no round")
         round_ = int(meta["round"])
-        if round_ >= cfg.num_server_rounds:
-            raise ValueError(f"{out} already reached round {round_}; raise num-server-rounds to continue it")
+        if round_ >= (cfg.num_server_rounds if last_round is None else last_round):
+            raise ValueError(f"{out} already reached round {round_}: the run is finished; raise num-server-rounds "
+                             "to continue it")
         history = [e for e in results["history"] if e["round"] <= round_]
         if not history or history[-1]["round"] != round_:
             raise ValueError(f"cannot resume {out}: results.json has no evaluation at the checkpoint's round {round_}")
         writer = cls(out, results["method"], cfg, results["train_groups"], results["eval_groups"], results["baselines"],
-                     checkpoint_metadata={k: v for k, v in meta.items() if k not in ("round", "alignment")})
+                     checkpoint_metadata={k: v for k, v in meta.items() if k not in ("round", "alignment")},
+                     resumed=True)
         writer.results.update(history=history, final=history[-1], best=best_entry(history))
         last = history[-1]
         writer.started -= last["wall_seconds"]  # wall time continues
         writer.eval_seconds = last["wall_seconds"] - last.get("train_seconds", last["wall_seconds"])
         return writer, state, round_
 
+    def not_counted(self, seconds: float) -> None:
+        """Leave `seconds` spent before training (a deployment waiting for its SuperNodes) out of the
+        wall and training times: round 0 then reports the evaluation only."""
+        self.started += seconds
+
     @property
     def history(self) -> list[dict]:
         return self.results["history"]
 
-    def record(self, entry: dict, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
+    def record(self, entry: dict, state_dict: dict[str, torch.Tensor] | None = None,
+               trainer_state: dict | None = None) -> dict:
         """Add one evaluation point ({"round", "gradient_steps", "alignment", ...}); wall_seconds is
         filled in, and train_seconds (the same less the evaluations' own `eval_seconds`). Saves the last
-        model, and the best one when this point is the best so far."""
+        model, and the best one when this point is the best so far; `trainer_state` (optimizer and
+        random-stream states, see `load_trainer_state`) beside the last model."""
         wall = time.perf_counter() - self.started
         self.eval_seconds += entry.get("eval_seconds", 0.0)
         entry = {"round": entry["round"], "gradient_steps": entry["gradient_steps"], "wall_seconds": round(wall, 3),
@@ -105,6 +124,10 @@ class ResultsWriter:
         if is_best:
             self.results["best"] = entry
         self.results["final"] = entry
+        if trainer_state is not None:  # before the checkpoint, which is what a resume starts from
+            tmp = self.out_dir / (TRAINER_STATE + ".tmp")
+            torch.save({**trainer_state, "round": entry["round"]}, tmp)
+            os.replace(tmp, self.out_dir / TRAINER_STATE)
         if state_dict is not None:
             meta = {**self.checkpoint_metadata, "round": entry["round"], "alignment": entry["alignment"]}
             save_checkpoint(self.out_dir / LAST_CHECKPOINT, state_dict, meta)
@@ -123,6 +146,52 @@ class ResultsWriter:
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, self.out_dir / HISTORY_FILE)
+
+
+def load_trainer_state(out_dir: str | Path, round_: int) -> dict:
+    """The trainer state `record` saved with the last checkpoint, which must be that of `round_`."""
+    path = Path(out_dir) / TRAINER_STATE
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # missing, or not a file torch wrote
+        raise ValueError(f"cannot resume from {path.parent}: no readable {TRAINER_STATE} ({exc})") from None
+    if state.get("round") != round_:
+        raise ValueError(f"cannot resume from {path.parent}: {TRAINER_STATE} is of round {state.get('round')}, "
+                         f"the last checkpoint of round {round_}")
+    return state
+
+
+def holds_run(out_dir: str | Path) -> list[str]:
+    """The files of a run (results, history, checkpoints) that `out_dir` holds already."""
+    return [name for name in RUN_FILES if (Path(out_dir) / name).exists()]
+
+
+def refuse_existing_run(out_dir: str | Path) -> None:
+    """A fresh run never writes over another one's files."""
+    found = holds_run(out_dir)
+    if found:
+        raise ConfigError(f"out-dir {out_dir} already holds a run ({', '.join(found)}): continue it with run-config "
+                          "resume=true, start it again with --overwrite (the old files are kept aside), or choose "
+                          "another out-dir")
+
+
+def claim_run_dir(cfg: RunConfig, out_dir: str | Path, *, overwrite: bool = False, method: str | None = None,
+                  last_round: int | None = None) -> Path | None:
+    """Before a run starts (and before any Flower process): may it write into `out_dir`? A resume must
+    pass `ResultsWriter.resume`'s checks; a fresh run needs a directory holding no run, unless
+    `overwrite`, which moves the old one aside to <out-dir>.replaced-<time> (returned)."""
+    out = Path(out_dir).resolve()
+    if cfg.resume:
+        if overwrite:
+            raise ConfigError("resume=true continues the run in out-dir; --overwrite starts it again: give one")
+        ResultsWriter.resume(out, cfg, method=method, last_round=last_round)
+        return None
+    if not overwrite or not holds_run(out):
+        refuse_existing_run(out)
+        return None
+    aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.rename(aside)
+    return aside
 
 
 def history_row(entry: dict) -> dict:

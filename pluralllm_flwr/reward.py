@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import SUM_TOLERANCE, GroupVectors, Question
+from .data import SUM_TOLERANCE, DataError, GroupVectors, Question, check_options
 from .embeddings import LETTERS, PROMPT_FORMAT, embed_questions
 from .experiment import resolve_device
 from .metrics import alignment
@@ -52,11 +52,10 @@ def check_question(question: Question, where: str) -> None:
         raise RewardModelError(f"{where}: expected a data.Question, got {type(question).__name__}")
     if not question.text.strip():
         raise RewardModelError(f"{where}: the question text is empty")
-    options = question.options
-    if not 2 <= len(options) <= len(LETTERS):
-        raise RewardModelError(f"{where}: needs 2 to {len(LETTERS)} options, got {len(options)}")
-    if any(not isinstance(o, str) or not o.strip() for o in options) or len(set(options)) != len(options):
-        raise RewardModelError(f"{where}: options must be distinct non-empty strings, got {list(options)}")
+    try:
+        check_options(question.options, where)  # the loaders' check
+    except DataError as exc:
+        raise RewardModelError(str(exc)) from None
 
 
 def check_distribution(values: Iterable[float], question: Question, where: str) -> np.ndarray:

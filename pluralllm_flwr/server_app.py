@@ -1,6 +1,8 @@
 """The ServerApp: validate the run-config, prepare data and embeddings, run the strategy."""
 from __future__ import annotations
 
+import time
+
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -33,7 +35,9 @@ def main(grid: Grid, context: Context) -> None:
     strategy.setup(cfg, exp, writer, resolve_device(cfg.device), resumed_from=start_round)
     if state is not None:
         strategy.model.load_state_dict(state)
+    waiting = time.perf_counter()
     strategy.discover_hosts(grid, wait=cfg.round_timeout)
+    writer.not_counted(time.perf_counter() - waiting)  # no client trains while the nodes connect
     runner = with_privacy(cfg, strategy, len(exp.split.train))
     runner.start(grid=grid, initial_arrays=ArrayRecord(strategy.model.state_dict()),
                  num_rounds=cfg.num_server_rounds - start_round, timeout=cfg.round_timeout,

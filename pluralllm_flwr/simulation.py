@@ -4,27 +4,24 @@ flwr 1.42's `flwr run --stream` exits 0 even when the run failed, leaves the loc
 started running, reuses any SuperLink already on its port, and (by default) would `uv sync` the
 project's dependencies into a fresh venv. This wrapper runs each simulation hermetically — its own
 FLWR_HOME and ports, runtime dependency installation off — streams the log, reads the run's final
-status, and always stops the SuperLink it started. `deploy.py` runs real deployments with the same
-helpers (`flwr_env`, `run_and_check`, `free_port`).
+status, and always stops every process it caused (`processes.py`). `deploy.py` runs real
+deployments with the same helpers (`flwr_env`, `run_and_check`, `free_port`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import torch
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
+from .processes import Ownership
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml beside the package
 FLWR = Path(sys.executable).with_name("flwr")  # the venv's Flower CLI
@@ -49,50 +46,33 @@ def run_config_toml(values: dict) -> str:
 
 def simulate(cfg: RunConfig, num_supernodes: int, *, timeout: float | None = None, app_dir: Path = APP_DIR,
              echo=print) -> dict:
-    """Run the Flower app in Ray simulation with `num_supernodes` virtual SuperNodes.
+    """Run the Flower app in Ray simulation with `num_supernodes` virtual SuperNodes. Every process it
+    causes (SuperLink, SuperExec, flwr-simulation, Ray) is stopped, and the scratch FLWR_HOME removed,
+    before it returns or raises, also on Ctrl-C, SIGTERM and SIGHUP (`processes.Ownership`; after a
+    SIGKILL its watchdog does the same within seconds).
 
     Returns {"run_id", "status", "out_dir"}; raises FlowerRunError when the run did not complete."""
+    if num_supernodes < 1:
+        raise ConfigError(f"the number of virtual SuperNodes must be at least 1, got {num_supernodes}")
     home = Path(tempfile.mkdtemp(prefix="pluralllm-flwr-"))
-    overrides = home / "run-config.toml"
-    overrides.write_text(run_config_toml(cfg.to_mapping()))
-    resources = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
-    if torch.cuda.is_available():
-        resources += f" client-resources-num-gpus={1 / min(num_supernodes, 4)}"
-    env = flwr_env(home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-                   FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
-    command = [str(FLWR), "run", str(app_dir), "--run-config", str(overrides), "--federation-config", resources,
-               "--stream"]
-    try:
-        with sigterm_as_interrupt():
-            run = run_and_check(command, env, app_dir, timeout, echo)
-        return {"run_id": run["run-id"], "status": run["status"], "out_dir": cfg.out_dir}
-    finally:
-        _stop_superlink(home)
+    with Ownership(home) as owner:
+        overrides = home / "run-config.toml"
+        overrides.write_text(run_config_toml(cfg.to_mapping()))
+        resources = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
+        if torch.cuda.is_available():
+            resources += f" client-resources-num-gpus={1 / min(num_supernodes, 4)}"
+        env = owner.env(flwr_env(home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+                                 FLWR_LOCAL_CONTROL_API_PORT=str(free_port())))
+        command = [str(FLWR), "run", str(app_dir), "--run-config", str(overrides), "--federation-config", resources,
+                   "--stream"]
+        run = run_and_check(command, env, app_dir, timeout, echo)
+    return {"run_id": run["run-id"], "status": run["status"], "out_dir": cfg.out_dir}
 
 
 def progress_only(line: str) -> None:
     """An `echo` that keeps PluralLLM's own progress lines and errors, not Flower's INFO log."""
     if line.startswith(("[round", "PluralLLM", "baselines", "done:")) or "ERROR" in line or "Error" in line:
         print(line, flush=True)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Inside, SIGTERM raises KeyboardInterrupt as Ctrl-C does, so the callers' clean-up (stopping the
-    processes they started) runs when they are killed. Signal handlers can only be set on the main
-    thread; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def flwr_env(home: Path, **extra: str) -> dict[str, str]:
@@ -144,31 +124,6 @@ def _last_run(env: dict, app_dir: Path) -> dict | None:
     except json.JSONDecodeError:
         return None
     return max(runs, key=lambda r: int(r["run-id"])) if runs else None
-
-
-def _stop_superlink(home: Path, grace: float = 15.0) -> None:
-    """Stop the SuperLink `flwr run` left running for this FLWR_HOME (its superexec follows), then
-    remove the scratch FLWR_HOME."""
-    found = subprocess.run(["pgrep", "-f", f"flower-superlink.*{home}"], capture_output=True, text=True)
-    pids = [int(p) for p in found.stdout.split()]
-    for pid in pids:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if _signal(p, 0)]
-        time.sleep(0.2)
-    for pid in pids:
-        _signal(pid, signal.SIGKILL)
-    shutil.rmtree(home, ignore_errors=True)
-
-
-def _signal(pid: int, sig: int) -> bool:
-    """Send a signal; False when the process is gone."""
-    try:
-        os.kill(pid, sig)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def free_port() -> int:

@@ -58,6 +58,7 @@ class PluralMixin:
         self.query_timeout = seconds_per_query
         self.hosts: dict[str, int] = {}       # group -> node id hosting it
         self.asked: set[int] = set()          # nodes already asked which groups they host
+        self.broken: set[int] = set()         # connected nodes that could not say (e.g. a damaged bundle)
         self.gradient_steps = last.get("gradient_steps", 0)
         self.accountant = privacy_accountant(cfg, len(exp.split.train))
         if self.accountant is not None and last.get("dp_releases"):
@@ -77,6 +78,7 @@ class PluralMixin:
             nodes = set(grid.get_node_ids())
             self.hosts = {g: n for g, n in self.hosts.items() if n in nodes}  # forget departed nodes, and ask
             self.asked &= nodes  # again one that returns with its old id (SuperNode authentication keeps it)
+            self.broken &= nodes
             new = sorted(nodes - self.asked)
             if new:
                 self._ask(grid, new)
@@ -99,7 +101,9 @@ class PluralMixin:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("node %s could not say which groups it hosts: %s", node, reply.error.reason)
+                self.broken.add(node)  # a client that failed, in every round it stays so
                 continue
+            self.broken.discard(node)
             self.asked.add(node)
             for group in reply.content["hosted"]["groups"]:
                 if group not in self.exp.split.train:
@@ -165,7 +169,7 @@ class PluralMixin:
         ok = [r for _, r in pairs if not r.has_error()]
         replies = [r for _, r in pairs]
         info = self.rounds.setdefault(run_round, {})
-        info.update(clients=len(ok), failures=len(replies) - len(ok),
+        info.update(clients=len(ok), failures=len(replies) - len(ok) + len(self.broken),
                     failed_groups=[g for g, r in pairs if r.has_error() and g is not None])
         if not ok:
             reasons = sorted({r.error.reason.strip().splitlines()[-1] for r in replies if r.has_error()})

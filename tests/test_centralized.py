@@ -79,3 +79,46 @@ def test_report_refuses_incomparable_runs(tiny_config, tmp_path):
 def test_results_of_a_missing_directory_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("matched", [False, True])
+def test_centralized_resume_continues_with_the_same_numbers(tiny_config, tmp_path, matched):
+    """As the simulation's resume: a run of 2 rounds resumed to 4 equals an uninterrupted run of 4 (the
+    optimizer's and the episode streams' states travel with the checkpoint), and keeps its history."""
+    whole = tiny_config(**{"out-dir": str(tmp_path / "whole"), "num-server-rounds": 4, "eval-every": 2,
+                           "lr-schedule": "constant", "episode-sampler": "same-questions" if matched else "independent"})
+    train_centralized(whole, compute_matched=matched, progress=False)
+    part = whole.replace(out_dir=str(tmp_path / "part"), num_server_rounds=2)
+    train_centralized(part, compute_matched=matched, progress=False)
+    before = load_results(part.out_dir)["history"]
+    resumed = train_centralized(part.replace(num_server_rounds=4, resume=True), compute_matched=matched,
+                                progress=False).results
+    assert resumed["history"][:len(before)] == before and resumed["config"]["resume"] is True
+    # matched: the 4-round run also evaluates at round 4, the 2-round one did not, so its next train_loss
+    # averages other steps; every other number must agree
+    skip = {"train_loss"} if matched else set()
+    ours, theirs = ({e["round"]: {k: v for k, v in e.items() if k not in skip}
+                     for e in without_time(load_results(c.out_dir)["history"])} for c in (part, whole))
+    assert list(ours)[-1] == list(theirs)[-1] == 4 * (whole.local_steps if matched else 1)
+    common = [r for r in ours if r in theirs]
+    assert len(common) >= 3 and [ours[r] for r in common] == [theirs[r] for r in common]
+    with pytest.raises(ValueError, match="already reached round .*finished"):
+        train_centralized(part.replace(num_server_rounds=4, resume=True), compute_matched=matched, progress=False)
+
+
+def test_a_run_directory_is_never_overwritten_unasked(tiny_config, tmp_path, capsys):
+    from .test_deploy import run_config_arg
+
+    cfg = tiny_config(**{"num-server-rounds": 1})
+    train_centralized(cfg, progress=False)
+    first = (tmp_path / "out" / "results.json").read_text()
+    args = ["centralized", "-c", run_config_arg(cfg)]
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "out" / "results.json").read_text() == first
+    with pytest.raises(ValueError, match="cannot resume .* as centralized-matched: it holds a centralized run"):
+        train_centralized(cfg.replace(resume=True, num_server_rounds=2, lr_schedule="constant"), compute_matched=True)
+    assert main([*args, "--overwrite"]) == 0
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.replaced-")]
+    assert len(kept) == 1 and (kept[0] / "results.json").read_text() == first
+    assert f"is kept in {kept[0]}" in capsys.readouterr().out

@@ -1,8 +1,14 @@
 """The `pluralllm` command's subcommands, through `cli.main` as a user calls them."""
 import json
+import time
+
+import pytest
 
 from pluralllm_flwr.centralized import train_centralized
 from pluralllm_flwr.cli import main
+
+REQUIRED = {"bundle": ["--all", "--out-dir", "b"], "deploy local": ["--groups", "1"],
+            "reproduce": ["--dataset", "globalopinionqa"]}  # each command's required options
 
 
 def test_embed_json_then_cached(tiny_paths, tmp_path, capsys):
@@ -39,3 +45,58 @@ def test_score_json(tiny_config, tmp_path, capsys):
     prediction = out["groups"]["G2"]["predictions"][0] if "groups" in out else None
     assert prediction is not None, out
     assert len(prediction["distribution"]) == 3 and abs(sum(prediction["distribution"]) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("command", ["centralized", "simulate", "bundle", "deploy local", "reproduce", "demo"])
+@pytest.mark.parametrize("override, message", [
+    ("lr=abc", "-c lr=abc: abc is not a number, true/false or a quoted string (text needs quotes: lr='abc')"),
+    ("lr=0.1 seed=1 lr=0.2", "-c: run-config key 'lr' is given twice (lr=0.1 and lr=0.2)"),
+    ("lr 0.1", "-c 'lr 0.1': 'lr' is not KEY=VALUE"),
+])
+def test_a_malformed_run_config_is_one_line_naming_it(command, override, message, capsys):
+    assert main([*command.split(), "-c", override, *REQUIRED.get(command, [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pluralllm: error: {message}") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_verbose_shows_the_traceback_too(capsys):
+    assert main(["-v", "centralized", "-c", "lr=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith("(text needs quotes: lr='abc')")
+
+
+def test_a_key_given_in_two_overrides_is_refused_too():
+    from pluralllm_flwr.config import ConfigError, parse_overrides
+
+    assert parse_overrides(["lr=0.1 data-path='/a b/c'", "seed=2"]) == {"lr": 0.1, "data-path": "/a b/c", "seed": 2}
+    with pytest.raises(ConfigError, match="'seed' is given twice"):
+        parse_overrides(["seed=1", "seed=2"])
+
+
+def test_late_checks_come_first_and_show_with_quiet(tiny_config, tmp_path, capsys):
+    """Refused in a second or two, before embedding or any Flower process: a bad node count, resuming a
+    finished run, resuming with another run-config; --quiet still shows why."""
+    from pluralllm_flwr.experiment import prepare_experiment
+    from pluralllm_flwr.results import ResultsWriter
+
+    from .test_deploy import run_config_arg
+
+    cfg = tiny_config(**{"num-server-rounds": 1})
+    exp = prepare_experiment(cfg, progress=False)
+    ResultsWriter(cfg.out_dir, "fedavg", cfg, exp.split.train, exp.split.eval, {}, exp.checkpoint_metadata()).record(
+        {"round": 1, "gradient_steps": 3, "alignment": 0.5}, exp.build_model().state_dict())
+    capsys.readouterr()
+    cases = [(["simulate", "--num-supernodes", "-1"], cfg.replace(out_dir=str(tmp_path / "new")),
+              "--num-supernodes must be at least 1"),
+             (["deploy", "local", "--groups", "0"], cfg, "--groups must be at least 1"),
+             (["simulate"], cfg.replace(resume=True), "already reached round 1: the run is finished"),
+             (["deploy", "local", "--groups", "1"], cfg.replace(resume=True), "already reached round 1"),
+             (["simulate"], cfg.replace(resume=True, num_server_rounds=2, lr=0.5), "run-config differs from the stopped "
+              "run in ['lr']"),
+             (["simulate"], cfg, "already holds a run")]
+    for args, run, message in cases:
+        started = time.monotonic()
+        assert main([*args, "--quiet", "-c", run_config_arg(run)]) == 2
+        assert time.monotonic() - started < 3, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (args, err)

@@ -1,4 +1,6 @@
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -167,3 +169,85 @@ def test_real_goqa_sample_parses():
     data = D.load_globalopinionqa(real_data("globalopinionqa/sample.csv"))
     assert len(data.questions) == 25
     assert all(abs(d.sum() - 1) < 1e-5 for g in data.answers.values() for d in g.values())
+
+
+def _goqa(tmp_path, rows=None, text=None, raw: bytes | None = None):
+    path = tmp_path / "g.csv"
+    if raw is not None:
+        path.write_bytes(raw)
+    elif text is not None:
+        path.write_text(text)
+    else:
+        write_goqa(path, rows)
+    return path
+
+
+def _opinionqa(tmp_path, refs=("Yes", "No"), ordinal=None, sex=None):
+    from .conftest import write_opinionqa
+
+    root = write_opinionqa(tmp_path / "hr", {"S1": {"info": [("K", "Q?", list(refs), [1.0, 2.0])],
+                                                    "SEX": {"K": sex or {"Male": {"Yes": 2.0}}}}})
+    if ordinal:
+        info = root / "S1" / "info.csv"
+        info.write_text(info.read_text().replace('"[1.0, 2.0]"', ordinal))
+    return root
+
+
+def _damaged(tmp_path, name: str, content: bytes):
+    root = _opinionqa(tmp_path)
+    (root / "S1" / name).write_bytes(content)
+    return root
+
+
+def _fine(i):
+    return goqa_row(f"Fine {i}?", {"A": [0.5, 0.5]}, ["x", "y"])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: _goqa(t, raw=b""), r"g.csv: empty file \(expected GlobalOpinionQA's columns"),
+    (lambda t: _goqa(t, text="question,selections,options,source\n"), r"g.csv: no questions \(a header and no rows\)"),
+    (lambda t: t, "is a folder; GlobalOpinionQA is one CSV file"),
+    (lambda t: _goqa(t, [_fine(i) for i in range(9)] + [goqa_row("Many?", {"A": [1 / 200] * 200}, list(range(200)))]),
+     r"g.csv row 10 \(question 'Many\?'\): needs 2 to 26 options, got 200"),
+    (lambda t: _goqa(t, [goqa_row("Twice?", {"A": [0.2, 0.3, 0.5]}, ["Yes", "No", "Yes"])]),
+     r"g.csv row 1 \(question 'Twice\?'\): options must be distinct non-empty strings, got \['Yes', 'No', 'Yes'\]"),
+    (lambda t: _goqa(t, raw="question,selections,options,source\nCaf\xe9?,x,y,z\n".encode("latin-1")),
+     "g.csv: not UTF-8 text"),
+    (lambda t: _opinionqa(t, sex={"Male": ["Yes", 2.0]}),
+     r"SEX_data.json, question 'K', group 'Male': the answer counts must be a JSON object \(options to counts\), got list"),
+    (lambda t: _damaged(t, "info.csv", b""), r"S1/info.csv: empty file"),
+    (lambda t: _damaged(t, "SEX_data.json", b'{"K": {"M\xffle": {}}}'), "S1/SEX_data.json: not UTF-8 text"),
+    (lambda t: _damaged(t, "info.csv", b",key,question\n0,K,Caf\xe9\n"), "S1/info.csv: not UTF-8 text"),
+    (lambda t: _opinionqa(t, ordinal='"[1.0, \'a\']"'),
+     r"info.csv row 1 \(question 'K'\): option_ordinal must be a list of numbers"),
+    (lambda t: _opinionqa(t, refs=("Yes", "No", "Yes")), r"info.csv row 1 \(question 'K'\): options must be distinct"),
+])
+def test_every_data_error_is_one_line_naming_file_row_and_problem(tmp_path, capsys, make, message):
+    """Through `pluralllm data`, which applies the checks training, bundling and scoring apply."""
+    path = make(tmp_path)
+    dataset = "opinionqa" if path.name == "hr" else "globalopinionqa"
+    assert main(["data", "--dataset", dataset, "--path", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pluralllm: error: "), err
+    assert re.search(message, err), err
+
+
+def test_bad_data_is_refused_before_flower_starts(tmp_path, capsys):
+    path = _goqa(tmp_path, [goqa_row("Twice?", {"A": [0.2, 0.3, 0.5]}, ["Yes", "No", "Yes"])])
+    started = time.monotonic()
+    assert main(["simulate", "-c", f"data-path='{path}' out-dir='{tmp_path / 'out'}'"]) == 2
+    assert time.monotonic() - started < 5 and "options must be distinct" in capsys.readouterr().err
+
+
+def test_groups_without_usable_answers_and_all_zero_counts_are_named(tmp_path, capsys):
+    rows = [goqa_row(f"Q{i}?", {"A": [0.5, 0.5], "Zed": [0.0, 0.0]}, ["x", "y"]) for i in range(3)]
+    data = D.load_globalopinionqa(_goqa(tmp_path, rows))
+    assert data.unusable == ["Zed"] and "Zed" not in data.answers
+    with pytest.raises(D.DataError, match=r"'eval-groups': group\(s\) \['Zed'\] of globalopinionqa have no usable answer"):
+        D.split_groups(data, RunConfig(train_groups="A", eval_groups="Zed"))
+    counts = D.load_opinionqa(_opinionqa(tmp_path, sex={"Male": {"Yes": 0.0, "No": 0.0}, "Female": {"Refused": 3.0},
+                                                        "Other": {"Yes": 1.0}}))
+    assert counts.dropped == {"all-zero counts (group answers)": 1, "no answers besides refusals (group answers)": 1}
+    assert counts.unusable == ["Female", "Male"]
+    assert main(["data", "--dataset", "opinionqa"]) == 2
+    assert "--dataset opinionqa needs --path" in capsys.readouterr().err

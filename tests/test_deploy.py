@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -27,7 +27,7 @@ from pluralllm_flwr.experiment import bundle_experiment, prepare_experiment
 from pluralllm_flwr.results import TIMING_FIELDS, load_results
 from pluralllm_flwr.strategies import NoClientsError
 
-from .test_federated import FakeGrid, call_client, reply, strategy_for
+from .test_federated import FakeGrid, call_client, reply, strategy_for, train_reply
 
 
 @pytest.fixture
@@ -210,6 +210,23 @@ def test_rounds_never_wait_forever_and_a_returning_node_is_asked_again(tiny_conf
     assert grid.asked == [5, 5]
 
 
+def test_a_node_that_cannot_say_what_it_hosts_counts_as_a_failed_client(tiny_config, tmp_path, monkeypatch):
+    """A SuperNode whose bundle is damaged answers the hosts query with an error: it never trains, and
+    every round counts it in client_failures (not only in rounds_with_fewer_clients)."""
+    for key in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    strategy = strategy_for(tiny_config(**{"min-train-nodes": 1}), tmp_path)
+    grid = FakeGrid({1: ["G0"], 3: Error(code=0, reason="BundleError: G3.bundle.safetensors is damaged")})
+    strategy.discover_hosts(grid, wait=0)
+    assert strategy.hosts == {"G0": 1} and strategy.broken == {3}
+    strategy.aggregate_train(1, [train_reply(1, 1.0, 1)])
+    assert (strategy.rounds[1]["clients"], strategy.rounds[1]["failures"]) == (1, 1)
+    grid.hosting = {1: ["G0"]}  # the broken node leaves: no longer a failure
+    strategy.discover_hosts(grid, wait=0)
+    strategy.aggregate_train(2, [train_reply(1, 1.0, 1)])
+    assert strategy.rounds[2]["failures"] == 0
+
+
 # ----------------------------------------------------------------------------- processes
 
 
@@ -301,6 +318,7 @@ def test_deploy_local_end_to_end_over_tls(tiny_config, tmp_path, capsys):
     assert results["train_groups"] == ["G0", "G1"] and results["eval_groups"] == ["G2"]
     assert results["config"]["min-train-nodes"] == 1 and results["config"]["round-timeout"] == 120.0
     assert [e["round"] for e in results["history"]] == [0, 2]
+    assert results["history"][0]["train_seconds"] < 1  # round 0: nobody trained (waiting for nodes is not training)
     final = results["final"]
     assert final["clients"] == 2 and final["client_failures"] == 0 and final["rounds_with_fewer_clients"] == []
     assert final["heldback_alignment"] is not None and final["gradient_steps"] == 2 * 2 * cfg.local_steps
@@ -338,7 +356,8 @@ def test_a_killed_and_restarted_supernode_and_a_corrupt_bundle_do_not_stop_the_r
             deployment.run(cfg, timeout=300, echo=lines.append)
     assert tree.left() == []
     history = load_results(cfg.out_dir)["history"]
-    assert [(e["round"], e["clients"], e["client_failures"]) for e in history] == [(0, 0, 0), (1, 1, 1), (2, 2, 0)]
+    # G3's node fails every round (its bundle is damaged); G1's in round 1
+    assert [(e["round"], e["clients"], e["client_failures"]) for e in history] == [(0, 0, 0), (1, 1, 2), (2, 2, 1)]
     assert history[-1]["rounds_with_fewer_clients"] == [1, 2]  # G3 never took part; G1 missed round 1
     assert any("could not say which groups it hosts" in line and "G3.bundle.safetensors is damaged" in line
                for line in lines)

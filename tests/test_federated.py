@@ -37,9 +37,11 @@ class FakeGrid:
         return list(self.hosting)
 
     def send_and_receive(self, messages, timeout=None):
+        """Each node's groups, or its error (an `Error` in place of its groups)."""
         self.asked += [m.metadata.dst_node_id for m in messages]
-        return [reply(m.metadata.dst_node_id, RecordDict({"hosted": ConfigRecord({"groups": self.hosting[m.metadata.dst_node_id]})}),
-                      kind="query") for m in messages]
+        answers = [(m.metadata.dst_node_id, self.hosting[m.metadata.dst_node_id]) for m in messages]
+        return [reply(n, error=a, kind="query") if isinstance(a, Error) else
+                reply(n, RecordDict({"hosted": ConfigRecord({"groups": a})}), kind="query") for n, a in answers]
 
 
 def strategy_for(cfg, tmp_path):
