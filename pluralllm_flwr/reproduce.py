@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from . import data as D
 from .centralized import train_centralized
 from .config import ConfigError, RunConfig
 from .experiment import prepare_experiment, resolve_device
-from .results import LAST_CHECKPOINT, RESULTS_FILE, load_checkpoint, load_results
+from .results import LAST_CHECKPOINT, RESULTS_FILE, claim_run_dir, holds_run, load_checkpoint, load_results
 from .simulation import simulate
 
 MANIFEST = "manifest.json"
@@ -244,12 +243,14 @@ class _Runner:
 
 def run_or_reuse(path: Path, cfg: RunConfig, last_round: int, go, echo, label: str) -> str:
     """Run `go(cfg)` into `path`, unless a complete run with the same run-config is already there
-    (an interrupted or differently configured one starts over); a line before and after."""
+    (an interrupted or differently configured one is moved aside and starts over); a line before and after."""
     cfg = cfg.replace(out_dir=str(path))
     if _complete(path, cfg, last_round):
         echo(f"{label}: complete, reused")
         return str(path)
-    shutil.rmtree(path, ignore_errors=True)
+    if holds_run(path):
+        echo(f"{label}: the run there is incomplete or has another run-config; moved to "
+             f"{claim_run_dir(cfg, path, overwrite=True)}")
     started = time.perf_counter()
     echo(f"{label}: running ...")
     go(cfg)
@@ -272,7 +273,9 @@ def _complete(path: Path, cfg: RunConfig, last_round: int) -> bool:
         results = load_results(path)
     except (OSError, ValueError):
         return False
-    same = {k: v for k, v in results["config"].items() if k not in _INCIDENTAL} == \
+    recorded = {**RunConfig().to_mapping(), **results["config"]}  # a key added since then has its default, which
+    # by this project's rule keeps the behaviour of the code that wrote the run
+    same = {k: v for k, v in recorded.items() if k not in _INCIDENTAL} == \
         {k: v for k, v in cfg.to_mapping().items() if k not in _INCIDENTAL}
     final = results.get("final") or {}
     return same and final.get("round") == last_round and not math.isnan(final.get("alignment", math.nan))

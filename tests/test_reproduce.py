@@ -1,12 +1,13 @@
 """`pluralllm reproduce`: the smoke version of the whole reproduction (every method, the mu sweep and
 every ablation, through Flower's simulation) on synthetic data, checking every figure and table."""
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from pluralllm_flwr.cli import main
-from pluralllm_flwr.reproduce import _choose_mu, _complete, load_manifest
+from pluralllm_flwr.reproduce import _choose_mu, _complete, load_manifest, run_or_reuse
 from pluralllm_flwr.results import load_results
 
 from .conftest import TINY_RUN, tiny_causal_lm
@@ -96,6 +97,16 @@ def test_a_run_is_reused_only_when_complete_with_the_same_config(tiny_config, tm
     assert not _complete(path, cfg.replace(lr=0.5), cfg.num_server_rounds)  # another setting
     assert _complete(path, cfg.replace(device="cpu"), cfg.num_server_rounds)  # the same numbers
     assert not _complete(tmp_path / "nothing", cfg, 1)
+    results = json.loads((path / "results.json").read_text())
+    del results["config"]["server-lr"]  # a run recorded before a key existed: it ran with the key's default
+    (path / "results.json").write_text(json.dumps(results))
+    assert _complete(path, cfg, cfg.num_server_rounds)
+    echoed = []
+    run_or_reuse(path, cfg.replace(lr=0.5), cfg.num_server_rounds, lambda c: train_centralized(c, progress=False),
+                 echoed.append, "run")  # another setting: the old run is kept aside, not deleted
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "results.json").is_file() and "moved to" in echoed[0]
+    assert json.loads((path / "results.json").read_text())["config"]["lr"] == 0.5
 
 
 @pytest.mark.parametrize("args, message", [
