@@ -27,7 +27,7 @@ demo: install
 	$(VENV)/bin/pluralllm demo --dataset $(DATASET) $(if $(DATA),--path $(DATA)) --rounds $(ROUNDS)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The paper's comparison (FedAvg, FedProx, centralized) and its ablations on real data, then
 # docs/results.md and its figures. SCALE=smoke (~10 minutes) | default (~1 hour per dataset on 2 cores) |
