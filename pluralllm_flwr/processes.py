@@ -88,12 +88,12 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def owned(token: str) -> list[psutil.Process]:
-    """The live processes whose environment bears `token`."""
+def owned(token: str, var: str = OWNER_VAR) -> list[psutil.Process]:
+    """The live processes whose environment bears `token` in `var`."""
     found = []
     for p in psutil.process_iter():
         try:
-            if p.environ().get(OWNER_VAR) == token and p.status() != psutil.STATUS_ZOMBIE:
+            if p.environ().get(var) == token and p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pluralllm_flwr.processes import Ownership
+from pluralllm_flwr.processes import Ownership, owned
 from pluralllm_flwr.results import TIMING_FIELDS, load_results
 
 from .test_deploy import run_config_arg
@@ -25,16 +25,8 @@ MARK = "PLURALLLM_TEST_MARK"  # the test's own tag, independent of the one proce
 
 
 def marked(mark: str) -> list[psutil.Process]:
-    """Live processes whose environment carries the test's mark: every process the command caused,
-    however detached (Flower and Ray pass their environment on)."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get(MARK) == mark and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return found
+    """Every process the command caused, however detached (Flower and Ray pass their environment on)."""
+    return owned(mark, MARK)
 
 
 def left_after(mark: str, seconds: float = 10.0) -> list[str]:
@@ -93,7 +85,7 @@ def metrics(out_dir) -> list[dict]:
 
 OWNER = textwrap.dedent("""
     import os, signal, subprocess, sys, time
-    from pluralllm_flwr.processes import Ownership
+    from pluralllm_flwr.processes import Ownership, owned
     # a grandchild as Ray's daemons are: own session, deaf to SIGTERM
     DAEMON = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
     with Ownership(sys.argv[1], grace=1.0) as owner:
