@@ -8,9 +8,11 @@ so any number of virtual nodes covers every group. Each message names the one gr
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -23,11 +25,10 @@ from .data import GroupSplit, seeded_rng
 from .experiment import Experiment, bundle_experiment, prepare_experiment, resolve_device
 from .strategies import CONTROL, CORRECTION, HOSTS_QUERY, UNIT_WEIGHT
 from .model import Predictor
-from .training import predict, train_steps
+from .training import ClientOptimizer, predict, train_steps
 from .metrics import alignment, mean_excluding_nan
 
 app = ClientApp()
-OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}  # run-config client-optimizer
 
 
 @functools.lru_cache(maxsize=2)
@@ -77,6 +78,16 @@ def _receive(msg: Message, context: Context) -> tuple[RunConfig, Experiment, str
     return cfg, exp, group, model.to(device), device
 
 
+def _log_stages(context: Context, kind: str, group: str, entered: float, set_up: float, done: float) -> None:
+    """On a deployed node, where every message is a new process, one log line per message: the
+    seconds from the process's start to the message (interpreter, imports, Flower's set-up), of
+    set-up (bundle, model) and of the work itself. benchmarks/bench_deployment.py reads them."""
+    if "bundle" in context.node_config:
+        process = psutil.Process()
+        print(f"[pluralllm] {kind} {group!r} (pid {process.pid}): {entered - process.create_time():.3f} s from process "
+              f"start, {set_up - entered:.3f} s set-up, {done - set_up:.3f} s {kind}", flush=True)
+
+
 @app.query(HOSTS_QUERY)
 def hosted_groups(msg: Message, context: Context) -> Message:
     _, _, hosted = _setup(context)
@@ -93,11 +104,13 @@ def clip_when_asked(msg: Message, context: Context, call_next) -> Message:
 
 @app.train(mods=[clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
+    entered = time.time()
     cfg, exp, group, model, device = _receive(msg, context)
+    set_up = time.time()
     config = msg.content["config"]
     mu = float(config.get("proximal-mu", 0.0))  # present under FedProx only
     anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
-    optimizer = OPTIMIZERS[cfg.client_optimizer](model.parameters(), lr=float(config["lr"]))
+    optimizer = ClientOptimizer(model.parameters(), cfg.client_optimizer, float(config["lr"]))
     vectors = exp.vectors(group, "train")
     steps = int(config["local-steps"])
     server_round = int(config["server-round"])
@@ -114,6 +127,7 @@ def train(msg: Message, context: Context) -> Message:
                          drift_correction=correction, gradient_sum=gradients)
     metrics = MetricRecord({"train-loss": float(np.mean(losses)), "num-examples": vectors.num_questions,
                             UNIT_WEIGHT: 1, "local-steps": steps})
+    _log_stages(context, "train", group, entered, set_up, time.time())
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     if gradients is not None:  # this group's new control variate: its mean gradient over the round
         content[CONTROL] = ArrayRecord({name: (g / max(steps, 1)).cpu() for name, g in zip(names, gradients)})
@@ -123,7 +137,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The group's alignment on its own held-back questions, with context from its training part."""
+    entered = time.time()
     cfg, exp, group, model, device = _receive(msg, context)
+    set_up = time.time()
     train_part, heldback = exp.vectors(group, "train"), exp.vectors(group, "heldback")
     rng = seeded_rng(cfg.seed, "client-eval", group)
     context_ids = rng.choice(train_part.num_questions, size=min(cfg.eval_context, train_part.num_questions), replace=False)
@@ -132,4 +148,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     score, nan_excluded = mean_excluding_nan(alignment(p, t) for p, t in zip(predictions, truths))
     metrics = MetricRecord({"heldback-alignment": score, "nan-excluded": nan_excluded,
                             "num-examples": heldback.num_questions, UNIT_WEIGHT: 1})
+    _log_stages(context, "evaluate", group, entered, set_up, time.time())
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,7 +1,8 @@
 """Alignment scores, fairness across groups, convergence speed and the baselines' predictions.
 
 Plain numpy/scipy on plain dicts (question key -> distribution), so reports and strategies can use
-it without the model or the data layer. A score that cannot be computed is NaN: aggregations skip
+it without the model or the data layer. scipy is imported where it is used: a deployed ClientApp
+is a new process for every message, and a train message has no use for its 1.4 s of imports. A score that cannot be computed is NaN: aggregations skip
 it and count it, and it never counts as perfect alignment (the reference code scored it as 1).
 """
 from __future__ import annotations
@@ -11,8 +12,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.spatial.distance import jensenshannon
-from scipy.stats import wasserstein_distance
 
 QuestionMetric = Callable[[str, np.ndarray, np.ndarray], float]
 """(question key, predicted distribution, true distribution) -> score; keyed so that a metric
@@ -39,6 +38,8 @@ def alignment(p: Sequence[float], q: Sequence[float]) -> float:
     p, q = _distribution_pair(p, q)
     if not (_is_distribution(p) and _is_distribution(q)):
         return math.nan
+    from scipy.spatial.distance import jensenshannon
+
     with np.errstate(invalid="ignore"):
         distance = float(jensenshannon(p, q))
     # For valid inputs scipy's only NaN is the square root of a divergence that rounded to
@@ -58,6 +59,8 @@ def alignment_w1(p: Sequence[float], q: Sequence[float], ordinal: Sequence[float
         raise ValueError(f"ordinal positions {positions.tolist()} span nothing; W1 needs at least two positions")
     if not (_is_distribution(p) and _is_distribution(q)):
         return math.nan
+    from scipy.stats import wasserstein_distance
+
     return 1.0 - float(wasserstein_distance(positions, positions, p, q)) / span
 
 
@@ -153,6 +156,8 @@ def alignments(predicted: Sequence[np.ndarray], true: Sequence[np.ndarray]) -> n
     valid = np.isfinite(p).all(1) & np.isfinite(q).all(1) & (p.sum(1) > 0) & (q.sum(1) > 0)
     out = np.full(len(true), math.nan)
     if valid.any():
+        from scipy.spatial.distance import jensenshannon
+
         with np.errstate(invalid="ignore"):
             distance = jensenshannon(p[valid], q[valid], axis=1)
         out[valid] = 1.0 - np.nan_to_num(distance, nan=0.0)  # NaN = a divergence rounded below 0, as in `alignment`

@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
+from .grid import PromptGrid
 from .experiment import baseline_summary, fmt_gain, prepare_experiment, resolve_device
 from .results import ResultsWriter, out_dir_for
 from .strategies import build_strategy, with_privacy
@@ -16,6 +17,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    grid = PromptGrid(grid)  # replies as they arrive, not every 3 s (a deployment's HttpGrid)
     cfg = RunConfig.from_mapping(context.run_config)  # one clear error before any client starts
     exp = prepare_experiment(cfg, progress=False)       # also embeds (cached) so clients find the cache
     out_dir = out_dir_for(cfg, cfg.strategy)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+from torch.optim.adam import adam
+from torch.optim.sgd import sgd
 
 from .data import GroupVectors
 from .model import Predictor
@@ -138,7 +140,44 @@ def batch_loss(model: Predictor, batch: Batch) -> Tensor:
     return model.loss(pred, batch.y_true, batch.is_target)
 
 
-def train_steps(model: Predictor, optimizer: torch.optim.Optimizer, groups: list[GroupVectors],
+class ClientOptimizer:
+    """A client's optimiser for one round: torch.optim.Adam or SGD at their defaults, computed by
+    torch's own update functions (`torch.optim.adam.adam`, `torch.optim.sgd.sgd`) and bit-identical to
+    them (tests/test_training). It skips the `Optimizer` class only because that class imports
+    torch._dynamo when first built, 1.7 s of CPU per message on a deployed SuperNode, where every
+    message is a new process. Its state lives for one round, so it has no state_dict."""
+
+    KINDS = ("adam", "sgd")  # run-config client-optimizer
+
+    def __init__(self, params: Sequence[Tensor], kind: str, lr: float) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"client optimizer must be one of {self.KINDS}, got {kind!r}")
+        self.params, self.kind, self.lr = list(params), kind, lr
+        self.moments: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # adam: parameter -> (m, v, step count)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
+        params, grads = [p for _, p in live], [p.grad for _, p in live]
+        if self.kind == "sgd":
+            sgd(params, grads, [None] * len(params), weight_decay=0.0, momentum=0.0, lr=self.lr, dampening=0.0,
+                nesterov=False, maximize=False)
+            return
+        for i, p in live:  # torch.optim.Adam's lazy state: zero moments, a float step counter on the CPU
+            if i not in self.moments:
+                scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                zeros = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.moments[i] = (zeros, zeros.clone(), torch.tensor(0.0, dtype=scalar))
+        m, v, t = zip(*(self.moments[i] for i, _ in live)) if live else ((), (), ())
+        adam(params, grads, list(m), list(v), [], list(t), amsgrad=False, has_complex=any(map(torch.is_complex, params)),
+             beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=0.0, eps=1e-8, maximize=False)
+
+
+def train_steps(model: Predictor, optimizer: torch.optim.Optimizer | ClientOptimizer, groups: list[GroupVectors],
                 steps: int, sizes: EpisodeSizes, rng: np.random.Generator, device: str | torch.device,
                 proximal_mu: float = 0.0, anchor: list[Tensor] | None = None,
                 same_questions: np.random.Generator | None = None, episodes_per_step: int = 1,

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from pluralllm_flwr import client_app
 from pluralllm_flwr import config as config_module
 from pluralllm_flwr.bundle import BundleError, read_bundle, write_bundles
 from pluralllm_flwr.centralized import train_centralized
@@ -21,8 +20,8 @@ from pluralllm_flwr.model import ModelConfig, Prediction, Predictor
 from pluralllm_flwr.predictors import ARCHITECTURES, build_predictor
 from pluralllm_flwr.strategies import STRATEGIES
 from pluralllm_flwr.results import load_results
-from pluralllm_flwr.training import (EpisodeSizes, collate, draw_contexts, lr_factor, predict, sample_same_questions,
-                                     train_steps)
+from pluralllm_flwr.training import (ClientOptimizer, EpisodeSizes, collate, draw_contexts, lr_factor, predict,
+                                     sample_same_questions, train_steps)
 
 torch.set_num_threads(1)
 
@@ -80,7 +79,7 @@ def test_run_config_choices_match_the_registries():
     assert config_module.MODELS == tuple(ARCHITECTURES)
     assert config_module.FEATURES == FEATURES
     assert config_module.STRATEGIES == tuple(STRATEGIES)
-    assert config_module.CLIENT_OPTIMIZERS == tuple(client_app.OPTIMIZERS)
+    assert config_module.CLIENT_OPTIMIZERS == ClientOptimizer.KINDS
 
 
 # ----------------------------------------------------------------------------- predictors

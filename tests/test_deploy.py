@@ -5,6 +5,8 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 
@@ -68,6 +70,37 @@ def test_a_bundle_gives_exactly_the_simulation_paths_data_and_training(run):
     for a, b in zip(deployed.content["arrays"].to_numpy_ndarrays(), simulated.content["arrays"].to_numpy_ndarrays()):
         np.testing.assert_array_equal(a, b)
     assert dict(deployed.content["metrics"]) == dict(simulated.content["metrics"])
+
+
+TRAIN_MESSAGE_IN_A_NEW_PROCESS = """
+import json, sys
+from flwr.app import ArrayRecord, ConfigRecord, Context, Metadata, RecordDict
+from flwr.app.message.message import make_message
+from pluralllm_flwr import client_app
+
+mapping, bundle = json.loads(sys.argv[1]), sys.argv[2]
+cfg = client_app.RunConfig.from_mapping(mapping)
+model = client_app._bundle_experiment(cfg, bundle).build_model()
+content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(
+    {"lr": cfg.lr, "local-steps": 2, "server-round": 1, "group": "G1"})})
+meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+                created_at=0.0, ttl=60.0, message_type="train")
+context = Context(run_id=1, node_id=7, node_config={"bundle": bundle}, state=RecordDict(), run_config=mapping)
+reply = client_app.train(make_message(meta, content), context)
+assert reply.content["metrics"]["train-loss"] > 0
+print(json.dumps([m for m in ("pandas", "scipy", "torch._dynamo", "transformers") if m in sys.modules]))
+"""
+
+
+def test_a_deployed_train_message_imports_only_what_it_needs(run):
+    """Every deployed message is a new process: pandas, scipy, torch._dynamo (which building a
+    torch.optim optimiser imports) and transformers would cost it seconds."""
+    cfg, _, bundles = run
+    out = subprocess.run([sys.executable, "-c", TRAIN_MESSAGE_IN_A_NEW_PROCESS, json.dumps(cfg.to_mapping()),
+                          str(bundles["G1"])], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "s from process start" in out.stdout  # the node's timing line
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
 def test_a_node_given_group_As_bundle_cannot_read_Bs_answers(run):

@@ -2,7 +2,6 @@
 the command stops — Ctrl-C, SIGTERM, SIGHUP or SIGKILL — no process of its run is left within 10 s,
 results.json does not change, the scratch folders are gone, and a resume ends with the numbers of an
 uninterrupted run."""
-import json
 import os
 import signal
 import subprocess

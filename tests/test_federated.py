@@ -1,6 +1,7 @@
 """The Flower side: aggregation, the ClientApp's train/evaluate, FedProx, and a real `flwr run`."""
 import csv
 import json
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from pluralllm_flwr import client_app
 from pluralllm_flwr.experiment import prepare_experiment
+from pluralllm_flwr.grid import PromptGrid
 from pluralllm_flwr.results import TIMING_FIELDS, ResultsWriter
 
 from pluralllm_flwr.strategies import CONTROL, CORRECTION, UNIT_WEIGHT, NoClientsError, build_strategy
@@ -222,3 +224,31 @@ def test_same_seed_same_metrics_whatever_the_node_layout(tiny_config, tmp_path):
         histories.append([{k: v for k, v in e.items() if k not in TIMING_FIELDS}
                           for e in load_results(cfg.out_dir)["history"]])
     assert histories[0] == histories[1]
+
+
+class SlowLink:
+    """A grid whose reply to message i is ready `delays[i]` seconds after the push."""
+
+    def __init__(self, delays):
+        self.delays, self.pulls = delays, 0
+
+    def push_messages(self, messages):
+        self.pushed = time.monotonic()
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        ready = [i for i in ids if time.monotonic() - self.pushed >= self.delays[int(i[1:])]]
+        return [reply(int(i[1:]), RecordDict(), to=i) for i in ready]
+
+
+def test_prompt_grid_returns_once_the_last_reply_arrives_and_keeps_the_timeout():
+    messages = [reply(i, RecordDict()) for i in range(3)]
+    link = SlowLink([0.1, 0.3, 0.5])
+    start = time.monotonic()
+    replies = PromptGrid(link, interval=0.05).send_and_receive(messages, timeout=10)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    assert 0.5 <= time.monotonic() - start < 1.5  # Flower's HttpGrid would sleep 3 s between pulls
+    start = time.monotonic()
+    late = PromptGrid(SlowLink([0.0, 60.0]), interval=0.05).send_and_receive(messages[:2], timeout=0.4)
+    assert [r.metadata.reply_to_message_id for r in late] == ["m0"] and time.monotonic() - start < 1.5

@@ -9,7 +9,7 @@ from pluralllm_flwr.evaluation import HeldOutGroup, evaluate_baselines, evaluate
 from pluralllm_flwr.metrics import js_metric, train_mean_baseline
 from pluralllm_flwr.gpo import GPOPredictor
 from pluralllm_flwr.model import ModelConfig
-from pluralllm_flwr.training import (EpisodeSizes, collate, draw_contexts, group_distributions, predict,
+from pluralllm_flwr.training import (ClientOptimizer, EpisodeSizes, collate, draw_contexts, group_distributions, predict,
                                      sample_episode, train_steps)
 
 torch.set_num_threads(1)
@@ -157,6 +157,22 @@ def test_proximal_term_holds_weights_near_the_anchor():
         return sum(((p - a) ** 2).sum().item() for p, a in zip(model.parameters(), anchor))
 
     assert drift(10.0) < 0.7 * drift(0.0)
+
+
+@pytest.mark.parametrize("kind, reference", [("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
+def test_client_optimizer_is_bit_identical_to_torch_optim(kind, reference):
+    groups = [random_group(f"g{i}", seed=i) for i in range(2)]
+    trained = []
+    for make in (lambda m: ClientOptimizer(m.parameters(), kind, 0.01), lambda m: reference(m.parameters(), lr=0.01)):
+        model = fresh_model()
+        losses = train_steps(model, make(model), groups, 6, EpisodeSizes(5, 20, 5, 20), np.random.default_rng(0), "cpu")
+        trained.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (ours, ours_w), (theirs, theirs_w) = trained
+    assert ours == theirs
+    assert all(torch.equal(a, b) for a, b in zip(ours_w, theirs_w))
+    assert not all(torch.equal(a, b) for a, b in zip(ours_w, fresh_model().parameters()))  # it did train
+    with pytest.raises(ValueError, match="client optimizer must be one of"):
+        ClientOptimizer(fresh_model().parameters(), "adamw", 0.01)
 
 
 def test_proximal_without_a_matching_anchor_is_an_error():

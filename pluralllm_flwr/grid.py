@@ -1,0 +1,63 @@
+"""A Grid that collects replies as they arrive.
+
+In a deployment the ServerApp gets flwr 1.42's `HttpGrid`, whose `send_and_receive` sleeps 3 s
+between pulls of replies, so every message type of every round waits 0–3 s after its last reply.
+`PromptGrid` wraps any Grid and keeps Flower's semantics (push, then pull until every reply is in
+or `timeout` has passed) but pulls every `interval` seconds, as Flower's own agent grid does
+(0.25 s). Everything else is the wrapped grid's.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+
+class PromptGrid(Grid):
+    def __init__(self, grid: Grid, interval: float = 0.25) -> None:
+        if not interval > 0:
+            raise ValueError(f"pull interval must be > 0 seconds, got {interval}")
+        self.grid, self.interval = grid, interval
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            pulled = list(self.grid.pull_messages(pending))
+            replies += pulled
+            pending -= {m.metadata.reply_to_message_id for m in pulled}
+            remaining = math.inf if deadline is None else deadline - time.monotonic()
+            if not pending or remaining <= 0:
+                break
+            time.sleep(min(self.interval, remaining))
+        return replies
+
+    # the rest is the wrapped grid's
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):  # NodeInfo: Flower's protobuf
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
