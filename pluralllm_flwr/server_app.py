@@ -7,8 +7,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig
-from .grid import PromptGrid
 from .experiment import baseline_summary, fmt_gain, prepare_experiment, resolve_device
+from .grid import PromptGrid
 from .results import ResultsWriter, out_dir_for
 from .strategies import build_strategy, with_privacy
 

@@ -162,18 +162,20 @@ class ClientOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         live = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
+        if not live:
+            return
         params, grads = [p for _, p in live], [p.grad for _, p in live]
         if self.kind == "sgd":
             sgd(params, grads, [None] * len(params), weight_decay=0.0, momentum=0.0, lr=self.lr, dampening=0.0,
                 nesterov=False, maximize=False)
             return
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         for i, p in live:  # torch.optim.Adam's lazy state: zero moments, a float step counter on the CPU
             if i not in self.moments:
-                scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
                 zeros = torch.zeros_like(p, memory_format=torch.preserve_format)
                 self.moments[i] = (zeros, zeros.clone(), torch.tensor(0.0, dtype=scalar))
-        m, v, t = zip(*(self.moments[i] for i, _ in live)) if live else ((), (), ())
-        adam(params, grads, list(m), list(v), [], list(t), amsgrad=False, has_complex=any(map(torch.is_complex, params)),
+        m, v, t = (list(part) for part in zip(*(self.moments[i] for i, _ in live)))
+        adam(params, grads, m, v, [], t, amsgrad=False, has_complex=any(map(torch.is_complex, params)),
              beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=0.0, eps=1e-8, maximize=False)
 
 
