@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -104,6 +105,15 @@ def main() -> None:
     if args.rounds < 4:
         parser.error("--rounds must be at least 4: rounds 2..R-1 are the steady ones")
     scratch = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
+    try:
+        bench(args, scratch)
+    except BaseException:
+        print(f"bench_deployment: its data, runs and logs are kept in {scratch}", file=sys.stderr)
+        raise
+    shutil.rmtree(scratch)
+
+
+def bench(args: argparse.Namespace, scratch: Path) -> None:
     cfg = configure(args, scratch)
     prepare_experiment(cfg, progress=False)  # embed once, outside every timing
     steady = range(2, args.rounds)
@@ -117,8 +127,8 @@ def main() -> None:
     # one process per message, in order: the host query, rounds 1..R (train), the evaluation of round R
     procs = sorted((start, pid, end, cpu) for pid, (start, end, cpu) in sampler.seen.items())
     if len(procs) != GROUPS * (args.rounds + 2):
-        sys.exit(f"saw {len(procs)} flwr-clientapp processes, expected {GROUPS * (args.rounds + 2)}: a message failed "
-                 f"or the sampler missed one; see {deployed.out_dir}/deploy-logs")
+        raise SystemExit(f"saw {len(procs)} flwr-clientapp processes, expected {GROUPS * (args.rounds + 2)}: a message "
+                         f"failed or the sampler missed one; see {deployed.out_dir}/deploy-logs")
     rounds = {k: procs[GROUPS * k:GROUPS * (k + 1)] for k in range(args.rounds + 2)}
     done = {pid: start + sum(stages[pid]) for k in steady for start, pid, _, _ in rounds[k]}  # handler returned
     walls = [rounds[k + 1][0][0] - rounds[k][0][0] for k in steady]  # first process start to the next one

@@ -13,6 +13,7 @@ steady rounds), and the peak extra memory of the machine while it ran.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import threading
@@ -123,6 +124,8 @@ def main() -> None:
     for n, base, single, sim, wall, startup, mem_base, mem_sim in rows:
         print(f"| {n} | {base:.2f} | {single:.2f} | {sim:.2f} | {100 * (sim / (single / 2) - 1):+.0f}% | {wall:.1f} | "
               f"{startup:.1f} | {mem_base:.2f} GiB | {mem_sim:.2f} GiB |")
+    shutil.rmtree(scratch)  # its data, caches and runs
+
 
 if __name__ == "__main__":
     main()
