@@ -23,6 +23,7 @@ from .bundle import BundleError, read_bundle
 from .config import ConfigError, RunConfig
 from .data import GroupSplit, seeded_rng
 from .experiment import Experiment, bundle_experiment, prepare_experiment, resolve_device
+from .grid import RUN_CONFIG
 from .strategies import CONTROL, CORRECTION, HOSTS_QUERY, UNIT_WEIGHT
 from .model import Predictor
 from .training import ClientOptimizer, predict, train_steps
@@ -47,12 +48,20 @@ def _bundle_experiment(cfg: RunConfig, path: str) -> Experiment:
     return bundle_experiment(cfg, [bundle], GroupSplit([bundle.group], []))
 
 
-def _setup(context: Context) -> tuple[RunConfig, Experiment, list[str]]:
-    cfg = RunConfig.from_mapping(context.run_config)
+def _run_config(msg: Message, context: Context) -> RunConfig:
+    """The config of the run this message belongs to: the one the ServerApp stamped on it (a Flower
+    run may execute several runs in turn, run-config `batch`), else the Flower run's own."""
+    if RUN_CONFIG in msg.content:
+        return RunConfig.from_mapping(dict(msg.content[RUN_CONFIG]))
+    return RunConfig.from_mapping(context.run_config)
+
+
+def _setup(cfg: RunConfig, context: Context) -> tuple[Experiment, list[str]]:
+    """The node's experiment and the training groups it hosts."""
     node = context.node_config
     if "bundle" in node:
         exp = _bundle_experiment(cfg, str(node["bundle"]))
-        return cfg, exp, exp.split.train
+        return exp, exp.split.train
     if "partition-id" not in node:
         raise ValueError("this SuperNode's node-config names no bundle: start it with --node-config "
                          "\"bundle='/abs/path/<group>.bundle.safetensors'\" (written by `pluralllm bundle`)")
@@ -62,13 +71,14 @@ def _setup(context: Context) -> tuple[RunConfig, Experiment, list[str]]:
     torch.set_num_threads(1)  # simulation: share CPU threads between the virtual nodes
     exp = _experiment(cfg)
     pid, n = int(node["partition-id"]), int(node["num-partitions"])
-    return cfg, exp, exp.split.train[pid::n]
+    return exp, exp.split.train[pid::n]
 
 
 def _receive(msg: Message, context: Context) -> tuple[RunConfig, Experiment, str, Predictor, str]:
     """What a train or evaluate message needs: the run, the message's group (which this node must
     host) and the global model on the device."""
-    cfg, exp, hosted = _setup(context)
+    cfg = _run_config(msg, context)
+    exp, hosted = _setup(cfg, context)
     group = str(msg.content["config"]["group"])
     if group not in hosted:
         raise ValueError(f"this node hosts {hosted}, not {group!r}")
@@ -90,7 +100,7 @@ def _log_stages(context: Context, kind: str, group: str, entered: float, set_up:
 
 @app.query(HOSTS_QUERY)
 def hosted_groups(msg: Message, context: Context) -> Message:
-    _, _, hosted = _setup(context)
+    _, hosted = _setup(_run_config(msg, context), context)
     return Message(RecordDict({"hosted": ConfigRecord({"groups": hosted})}), reply_to=msg)
 
 

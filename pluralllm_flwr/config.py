@@ -9,6 +9,7 @@ same outside `flwr run`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 from dataclasses import dataclass, fields
@@ -66,6 +67,7 @@ class RunConfig:
     out_dir: str = ""                 # "" = runs/<timestamp> under the current directory
     seed: int = 0
     device: str = "auto"
+    batch: str = ""                   # absolute path of a JSON list of run-configs one Flower run executes in turn
     # federated schedule
     num_server_rounds: int = 1000
     local_steps: int = 6
@@ -179,6 +181,9 @@ class RunConfig:
                               f"'1,5,20', got {self.eval_context_sizes!r}")
         if self.resume and not self.out_dir:
             raise ConfigError("run-config resume=true needs 'out-dir': the directory of the run to continue")
+        if self.batch and not Path(self.batch).is_absolute():
+            raise ConfigError(f"run-config 'batch' needs an absolute path (the ServerApp runs in the SuperLink's "
+                              f"directory), got {self.batch!r}")
         relative = [p for p in self.bundle_paths if not Path(p).is_absolute()]
         if relative:
             raise ConfigError(f"run-config 'eval-bundles' needs absolute paths (the ServerApp runs in the SuperLink's "
@@ -225,6 +230,30 @@ class RunConfig:
         if raw in ("", "auto"):
             return raw
         return [g.strip() for g in raw.split(";" if ";" in raw else ",") if g.strip()]
+
+
+def read_batch(path: str | Path) -> list[RunConfig]:
+    """The runs of run-config `batch`: a JSON list of run-config mappings, each validated here, so a bad
+    entry fails before the first run trains. Each must have its own out-dir and no batch of its own."""
+    try:
+        entries = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"run-config 'batch' {path}: cannot read a JSON list of run-configs ({exc})") from None
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"run-config 'batch' {path}: must hold a non-empty JSON list of run-config objects")
+    runs = []
+    for i, entry in enumerate(entries):
+        try:
+            cfg = RunConfig.from_mapping(entry)
+        except ConfigError as exc:
+            raise ConfigError(f"run-config 'batch' {path}, run {i}: {exc}") from None
+        if cfg.batch or not cfg.out_dir:
+            raise ConfigError(f"run-config 'batch' {path}, run {i}: needs its own 'out-dir' and no 'batch' of its own")
+        runs.append(cfg)
+    out_dirs = [c.out_dir for c in runs]
+    if len(set(out_dirs)) < len(out_dirs):
+        raise ConfigError(f"run-config 'batch' {path}: two runs write to the same out-dir ({out_dirs})")
+    return runs
 
 
 # `flwr run --run-config` splits its text into KEY=VALUE pairs so (flwr.common.config.parse_config_args).

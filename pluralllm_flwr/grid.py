@@ -1,10 +1,12 @@
-"""A Grid that collects replies as they arrive.
+"""Grid wrappers the ServerApp puts around Flower's Grid.
 
-In a deployment the ServerApp gets flwr 1.42's `HttpGrid`, whose `send_and_receive` sleeps 3 s
-between pulls of replies, so every message type of every round waits 0–3 s after its last reply.
-`PromptGrid` wraps any Grid and keeps Flower's semantics (push, then pull until every reply is in
-or `timeout` has passed) but pulls every `interval` seconds, as Flower's own agent grid does
-(0.25 s). Everything else is the wrapped grid's.
+- `PromptGrid` collects replies as they arrive. In a deployment the ServerApp gets flwr 1.42's
+  `HttpGrid`, whose `send_and_receive` sleeps 3 s between pulls of replies, so every message type
+  of every round waits 0–3 s after its last reply. `PromptGrid` keeps Flower's semantics (push,
+  then pull until every reply is in or `timeout` has passed) but pulls every `interval` seconds, as
+  Flower's own agent grid does (0.25 s).
+- `RunGrid` stamps every message with the config of the run it belongs to, so that one Flower run
+  can execute several runs in turn (run-config `batch`) and each ClientApp message knows its own.
 """
 from __future__ import annotations
 
@@ -12,32 +14,19 @@ import math
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+RUN_CONFIG = "run-config"  # the ConfigRecord of a message that holds its run's run-config mapping
 
-class PromptGrid(Grid):
-    def __init__(self, grid: Grid, interval: float = 0.25) -> None:
-        if not interval > 0:
-            raise ValueError(f"pull interval must be > 0 seconds, got {interval}")
-        self.grid, self.interval = grid, interval
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        pending = set(self.grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending:
-            pulled = list(self.grid.pull_messages(pending))
-            replies += pulled
-            pending -= {m.metadata.reply_to_message_id for m in pulled}
-            remaining = math.inf if deadline is None else deadline - time.monotonic()
-            if not pending or remaining <= 0:
-                break
-            time.sleep(min(self.interval, remaining))
-        return replies
+class GridWrapper(Grid):
+    """Everything is the wrapped grid's; subclasses change one thing."""
 
-    # the rest is the wrapped grid's
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
 
@@ -61,3 +50,47 @@ class PromptGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
 
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class PromptGrid(GridWrapper):
+    def __init__(self, grid: Grid, interval: float = 0.25) -> None:
+        if not interval > 0:
+            raise ValueError(f"pull interval must be > 0 seconds, got {interval}")
+        super().__init__(grid)
+        self.interval = interval
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            pulled = list(self.pull_messages(pending))
+            replies += pulled
+            pending -= {m.metadata.reply_to_message_id for m in pulled}
+            remaining = math.inf if deadline is None else deadline - time.monotonic()
+            if not pending or remaining <= 0:
+                break
+            time.sleep(min(self.interval, remaining))
+        return replies
+
+
+class RunGrid(GridWrapper):
+    """Adds the run's run-config as the `run-config` ConfigRecord of every message it pushes."""
+
+    def __init__(self, grid: Grid, run_config: dict) -> None:
+        super().__init__(grid)
+        self.record = ConfigRecord(run_config)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(self._stamped(messages))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(self._stamped(messages), timeout=timeout)
+
+    def _stamped(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        for message in messages:
+            message.content[RUN_CONFIG] = self.record
+        return messages

@@ -20,7 +20,7 @@ from .centralized import train_centralized
 from .config import ConfigError, RunConfig
 from .experiment import prepare_experiment, resolve_device
 from .results import LAST_CHECKPOINT, RESULTS_FILE, claim_run_dir, holds_run, load_checkpoint, load_results
-from .simulation import simulate
+from .simulation import simulate_batch
 
 MANIFEST = "manifest.json"
 
@@ -100,11 +100,13 @@ def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str 
         raise D.DataError(f"no dataset could be loaded: {skipped}")
     echo(f"reproduce: {scale.describe()}; datasets {list(usable)}; runs in {out}")
     # Earlier invocations (an interrupted reproduction, or one that reused every run) keep their time.
-    before = load_manifest(out).get("invocations", []) if (out / MANIFEST).is_file() else []
-    manifest = {"invocations": [*before, {"command": command, "seconds": 0.0}], "scale": asdict(scale),
+    before = load_manifest(out) if (out / MANIFEST).is_file() else {}
+    manifest = {"invocations": [*before.get("invocations", []), {"command": command, "seconds": 0.0}],
+                "simulations": before.get("simulations", []), "scale": asdict(scale),
                 "base_config": base.to_mapping(), "skipped": skipped, "datasets": {}}
     for i, (name, cfg) in enumerate(usable.items()):
-        plan = _reproduce_dataset(cfg, scale, out / name, echo, ablations=i == 0 or scale.ablations_on_every_dataset)
+        plan = _reproduce_dataset(cfg, scale, out / name, echo, ablations=i == 0 or scale.ablations_on_every_dataset,
+                                  simulations=manifest["simulations"])
         manifest["datasets"][name] = asdict(plan)
         manifest["invocations"][-1]["seconds"] = round(time.perf_counter() - started, 1)
         _write_manifest(out, manifest)
@@ -123,7 +125,7 @@ def load_manifest(out: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _reproduce_dataset(cfg: RunConfig, scale: Scale, out: Path, echo, ablations: bool) -> Plan:
+def _reproduce_dataset(cfg: RunConfig, scale: Scale, out: Path, echo, ablations: bool, simulations: list) -> Plan:
     cfg = cfg.replace(num_server_rounds=scale.rounds, eval_every=scale.eval_every)
     plan = Plan(cfg.dataset)
     first, *others = scale.seeds
@@ -136,47 +138,44 @@ def _reproduce_dataset(cfg: RunConfig, scale: Scale, out: Path, echo, ablations:
     prepared = {c: prepare_experiment(c) for c in [fedavg.replace(seed=first)]
                 + ([uneven, *embedder_cfgs.values()] if ablations else [])}
     # every run of a dataset trains the same groups: one virtual SuperNode per training group
-    run = _Runner(out, echo, nodes=len(prepared[fedavg.replace(seed=first)].split.train))
-    # seed `first` of every method and of every mu, then the chosen mu, then the other seeds
-    runs = {"FedAvg": [run.federated("fedavg", fedavg.replace(seed=first))],
-            "Centralized": [run.centralized("centralized", cfg.replace(seed=first))]}
-    for mu in scale.mus:
-        path = run.federated(f"fedprox-mu{mu:g}", fedprox.replace(seed=first, proximal_mu=mu))
+    run = _Runner(out, echo, nodes=len(prepared[fedavg.replace(seed=first)].split.train), simulations=simulations)
+    # Federated runs are queued and run as one batch per Flower simulation (Flower and Ray start once):
+    # first every run that does not depend on the chosen mu, then FedProx's other seeds with it.
+    runs = {"FedAvg": [run.federated("fedavg", fedavg.replace(seed=s)) for s in scale.seeds]}
+    sweep = {mu: run.federated(f"fedprox-mu{mu:g}", fedprox.replace(seed=first, proximal_mu=mu)) for mu in scale.mus}
+    if ablations:
+        work = cfg.num_server_rounds * cfg.local_steps  # local steps per client, held fixed across the ablation
+        per_round = cfg.eval_every * cfg.local_steps  # and evaluated at the same work
+        for steps in scale.local_steps:
+            plan.local_steps[steps] = runs["FedAvg"][0] if steps == cfg.local_steps else run.federated(
+                f"local-steps-{steps}", fedavg.replace(seed=first, local_steps=steps,
+                                                       num_server_rounds=max(1, round(work / steps)),
+                                                       eval_every=max(1, round(per_round / steps))))
+        exp = prepared[uneven]
+        plan.weighting_sizes = {g: len(exp.question_ids(g, "train")) for g in exp.split.train}
+        for weighting in ("num-examples", "uniform"):
+            plan.weighting[weighting] = run.federated(f"weighting-{weighting}", uneven.replace(weighting=weighting))
+        for embedder, emb_cfg in embedder_cfgs.items():
+            reuse = emb_cfg == fedavg.replace(seed=first)
+            path = runs["FedAvg"][0] if reuse else run.federated(f"embedder-{_slug(embedder)}", emb_cfg)
+            plan.embedders[embedder] = {"run": path, "dim": prepared[emb_cfg].table.dim,
+                                        "questions": len(prepared[emb_cfg].data.questions)}
+    run.flush()
+    runs["Centralized"] = [run.centralized("centralized", cfg.replace(seed=s)) for s in scale.seeds]
+    for mu, path in sweep.items():
         final = load_results(path)["final"]
         plan.mu_sweep.append({"mu": mu, "run": path, "heldback": final.get("heldback_alignment"),
                               "heldout": final["alignment"]})
     plan.mu = _choose_mu(plan.mu_sweep)
     echo(f"reproduce: FedProx mu = {plan.mu:g} (best held-back alignment of the training groups)")
-    runs["FedProx"] = [next(s["run"] for s in plan.mu_sweep if s["mu"] == plan.mu)]
-    for seed in others:
-        runs["FedAvg"].append(run.federated("fedavg", fedavg.replace(seed=seed)))
-        runs["FedProx"].append(run.federated(f"fedprox-mu{plan.mu:g}", fedprox.replace(seed=seed, proximal_mu=plan.mu)))
-        runs["Centralized"].append(run.centralized("centralized", cfg.replace(seed=seed)))
+    runs["FedProx"] = [sweep[plan.mu]] + [run.federated(f"fedprox-mu{plan.mu:g}", fedprox.replace(
+        seed=s, proximal_mu=plan.mu)) for s in others]
+    run.flush()
     plan.main = {"FedAvg": runs["FedAvg"], f"FedProx (mu={plan.mu:g})": runs["FedProx"],
                  "Centralized": runs["Centralized"]}
-    if not ablations:
-        return plan
-
-    work = cfg.num_server_rounds * cfg.local_steps  # local steps per client, held fixed across the ablation
-    per_round = cfg.eval_every * cfg.local_steps  # and evaluated at the same work
-    for steps in scale.local_steps:
-        if steps == cfg.local_steps:
-            plan.local_steps[steps] = runs["FedAvg"][0]
-            continue
-        plan.local_steps[steps] = run.federated(f"local-steps-{steps}", fedavg.replace(
-            seed=first, local_steps=steps, num_server_rounds=max(1, round(work / steps)),
-            eval_every=max(1, round(per_round / steps))))
-    exp = prepared[uneven]
-    plan.weighting_sizes = {g: len(exp.question_ids(g, "train")) for g in exp.split.train}
-    for weighting in ("num-examples", "uniform"):
-        plan.weighting[weighting] = run.federated(f"weighting-{weighting}", uneven.replace(weighting=weighting))
-    for embedder, emb_cfg in embedder_cfgs.items():
-        exp = prepared[emb_cfg]
-        reuse = emb_cfg == fedavg.replace(seed=first)
-        path = runs["FedAvg"][0] if reuse else run.federated(f"embedder-{_slug(embedder)}", emb_cfg)
-        plan.embedders[embedder] = {"run": path, "dim": exp.table.dim, "questions": len(exp.data.questions)}
-    echo("reproduce: evaluation-context ablation on the final models of the main runs")
-    plan.eval_context = _eval_context_ablation([p for paths in runs.values() for p in paths], scale.eval_contexts)
+    if ablations:
+        echo("reproduce: evaluation-context ablation on the final models of the main runs")
+        plan.eval_context = _eval_context_ablation([p for paths in runs.values() for p in paths], scale.eval_contexts)
     return plan
 
 
@@ -222,44 +221,88 @@ def _eval_context_ablation(paths: list[str], contexts: tuple[int, ...]) -> dict[
 
 
 class _Runner:
-    """Runs (or reuses) one run directory per (name, seed), printing a line per run."""
+    """Runs (or reuses) one run directory per (name, seed), printing a line per run. Centralized runs
+    run at once; federated ones are queued until `flush`, which runs those not already complete as
+    one batch in one Flower simulation and records its fixed cost in `simulations`."""
 
-    def __init__(self, out: Path, echo, nodes: int) -> None:
-        self.out, self.echo, self.nodes, self.count = out, echo, nodes, 0
+    def __init__(self, out: Path, echo, nodes: int, simulations: list) -> None:
+        self.out, self.echo, self.nodes, self.simulations, self.count = out, echo, nodes, simulations, 0
+        self.queued: list[tuple[str, RunConfig]] = []
 
     def federated(self, name: str, cfg: RunConfig) -> str:
-        return self._run(name, cfg, cfg.num_server_rounds,
-                         lambda cfg: simulate(cfg, self.nodes, echo=lambda line: None))
+        path, label = self._place(name, cfg)
+        cfg = claim_or_reuse(path, cfg, cfg.num_server_rounds, self.echo, label)
+        if cfg is not None:
+            self.queued.append((label, cfg))
+            self.echo(f"{label}: queued")
+        return str(path)
+
+    def flush(self) -> None:
+        """Run every queued federated run, in one Flower simulation."""
+        if not self.queued:
+            return
+        queued, self.queued = self.queued, []
+        self.echo(f"reproduce: {len(queued)} federated run(s) in one Flower simulation ...")
+        started = time.perf_counter()
+        labels, reported = {cfg.out_dir: label for label, cfg in queued}, set()
+
+        def report(out_dir: str) -> None:
+            reported.add(out_dir)
+            _report(Path(out_dir), labels[out_dir], load_results(out_dir)["final"]["wall_seconds"], self.echo)
+
+        def progress(line: str) -> None:  # the ServerApp's last line of each run names its out-dir
+            out_dir = line.rsplit("results in ", 1)[-1].strip()
+            if line.startswith("done:") and out_dir in labels:
+                report(out_dir)
+        simulate_batch([cfg for _, cfg in queued], self.nodes, echo=progress)
+        seconds = time.perf_counter() - started
+        for out_dir in labels.keys() - reported:
+            report(out_dir)
+        in_runs = sum(load_results(cfg.out_dir)["final"]["wall_seconds"] for _, cfg in queued)
+        self.simulations.append({"runs": len(queued), "seconds": round(seconds, 1), "run_seconds": round(in_runs, 1)})
+        self.echo(f"reproduce: {len(queued)} run(s) in {seconds:.0f} s, of which {seconds - in_runs:.0f} s Flower's "
+                  "start-up, teardown and the set-up between runs")
 
     def centralized(self, name: str, cfg: RunConfig) -> str:
-        return self._run(name, cfg, cfg.num_server_rounds * cfg.local_steps,
-                         lambda cfg: train_centralized(cfg, compute_matched=True, progress=False))
+        path, label = self._place(name, cfg)
+        return run_or_reuse(path, cfg, cfg.num_server_rounds * cfg.local_steps,
+                            lambda cfg: train_centralized(cfg, compute_matched=True, progress=False), self.echo, label)
 
-    def _run(self, name: str, cfg: RunConfig, last_round: int, go) -> str:
+    def _place(self, name: str, cfg: RunConfig) -> tuple[Path, str]:
         self.count += 1
-        return run_or_reuse(self.out / name / f"seed-{cfg.seed}", cfg, last_round, go, self.echo,
-                            f"[{self.count}] {self.out.name}/{name}/seed-{cfg.seed}")
+        return self.out / name / f"seed-{cfg.seed}", f"[{self.count}] {self.out.name}/{name}/seed-{cfg.seed}"
+
+
+def claim_or_reuse(path: Path, cfg: RunConfig, last_round: int, echo, label: str) -> RunConfig | None:
+    """None when `path` holds a complete run with the same run-config (reused); else the run's config
+    writing into `path`, an incomplete or differently configured run there moved aside first."""
+    cfg = cfg.replace(out_dir=str(path))
+    if _complete(path, cfg, last_round):
+        echo(f"{label}: complete, reused")
+        return None
+    if holds_run(path):
+        echo(f"{label}: the run there is incomplete or has another run-config; moved to "
+             f"{claim_run_dir(cfg, path, overwrite=True)}")
+    return cfg
 
 
 def run_or_reuse(path: Path, cfg: RunConfig, last_round: int, go, echo, label: str) -> str:
     """Run `go(cfg)` into `path`, unless a complete run with the same run-config is already there
-    (an interrupted or differently configured one is moved aside and starts over); a line before and after."""
-    cfg = cfg.replace(out_dir=str(path))
-    if _complete(path, cfg, last_round):
-        echo(f"{label}: complete, reused")
-        return str(path)
-    if holds_run(path):
-        echo(f"{label}: the run there is incomplete or has another run-config; moved to "
-             f"{claim_run_dir(cfg, path, overwrite=True)}")
-    started = time.perf_counter()
-    echo(f"{label}: running ...")
-    go(cfg)
+    (`claim_or_reuse`); a line before and after."""
+    cfg = claim_or_reuse(path, cfg, last_round, echo, label)
+    if cfg is not None:
+        started = time.perf_counter()
+        echo(f"{label}: running ...")
+        go(cfg)
+        _report(path, label, time.perf_counter() - started, echo)
+    return str(path)
+
+
+def _report(path: Path, label: str, seconds: float, echo) -> None:
     final = load_results(path)["final"]
     gain = final.get("conditioning_gain")
     echo(f"{label}: held-out alignment {final['alignment']:.4f}, conditioning gain "
-         f"{'n/a' if gain is None else format(gain, '+.4f')} at round {final['round']} "
-         f"({time.perf_counter() - started:.0f} s)")
-    return str(path)
+         f"{'n/a' if gain is None else format(gain, '+.4f')} at round {final['round']} ({seconds:.0f} s)")
 
 
 # Settings that may differ without changing a run's numbers.

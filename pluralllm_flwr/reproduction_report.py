@@ -37,7 +37,7 @@ def write_reproduction_report(manifest: dict, report: str | Path, command: str) 
         "# Reproducing PluralLLM's comparison", "",
         f"Runs by {_invocations(manifest['invocations'])} ({os.cpu_count()} CPU cores, {platform.machine()}); "
         f"this report written by `{command}` on "
-        f"{time.strftime('%Y-%m-%d')} (commit {_commit()}). "
+        f"{time.strftime('%Y-%m-%d')} (commit {_commit()}). {_flower_overhead(manifest)}"
         "Do not edit by hand: rerun the command (complete runs are reused; the report is rewritten).", "",
         f"**Scale `{scale['name']}`**: {scale['rounds']} federated rounds, evaluated every {scale['eval_every']}, "
         f"seeds {scale['seeds']}. " + _scale_note(scale), "",
@@ -337,6 +337,20 @@ def _shown(path: Path) -> str:
 def _invocations(invocations: list[dict]) -> str:
     """`cmd` (55 minutes), then `cmd` (0 minutes, reusing the runs), ...: every call that built this reproduction."""
     return ", then ".join(f"`{i['command']}` ({i['seconds'] / 60:.0f} minutes)" for i in invocations)
+
+
+def _flower_overhead(manifest: dict) -> str:
+    """Flower's fixed cost: the seconds of its simulations outside the runs themselves (start-up of
+    the SuperLink, SuperExec and Ray, the set-up between a batch's runs, teardown), as a share of the
+    reproduction's time. The federated runs of a dataset share a few simulations (run-config batch)."""
+    simulations = manifest.get("simulations", [])
+    total = sum(i["seconds"] for i in manifest["invocations"])
+    if not simulations or not total:
+        return ""
+    fixed = sum(s["seconds"] - s["run_seconds"] for s in simulations)
+    return (f"Flower's start-up, teardown and set-up between runs: {fixed:.0f} s in {len(simulations)} simulations "
+            f"of {sum(s['runs'] for s in simulations)} federated runs, {100 * fixed / total:.1f}% of the "
+            f"{total / 60:.0f} minutes. ")
 
 
 def _commit() -> str:

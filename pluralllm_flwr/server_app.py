@@ -1,4 +1,5 @@
-"""The ServerApp: validate the run-config, prepare data and embeddings, run the strategy."""
+"""The ServerApp: validate the run-config, prepare data and embeddings, run the strategy; with
+run-config `batch`, several runs in turn in one Flower run (one start-up of Flower and Ray)."""
 from __future__ import annotations
 
 import time
@@ -6,9 +7,9 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from .config import RunConfig
+from .config import RunConfig, read_batch
 from .experiment import baseline_summary, fmt_gain, prepare_experiment, resolve_device
-from .grid import PromptGrid
+from .grid import PromptGrid, RunGrid
 from .results import ResultsWriter, out_dir_for
 from .strategies import build_strategy, with_privacy
 
@@ -17,8 +18,17 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    grid = PromptGrid(grid)  # replies as they arrive, not every 3 s (a deployment's HttpGrid)
     cfg = RunConfig.from_mapping(context.run_config)  # one clear error before any client starts
+    runs = read_batch(cfg.batch) if cfg.batch else [cfg]  # every run of a batch checked before the first
+    grid = PromptGrid(grid)  # replies as they arrive, not every 3 s (a deployment's HttpGrid)
+    for i, run in enumerate(runs):
+        if len(runs) > 1:
+            print(f"PluralLLM batch: run {i + 1} of {len(runs)}", flush=True)
+        run_federated(RunGrid(grid, run.to_mapping()), run)
+
+
+def run_federated(grid: Grid, cfg: RunConfig) -> None:
+    """One federated run on `grid`, whose messages carry `cfg` to the ClientApps."""
     exp = prepare_experiment(cfg, progress=False)       # also embeds (cached) so clients find the cache
     out_dir = out_dir_for(cfg, cfg.strategy)
     print(f"PluralLLM {cfg.strategy}: {len(exp.split.train)} training groups, {len(exp.split.eval)} held-out "

@@ -114,8 +114,8 @@ def test_a_node_given_group_As_bundle_cannot_read_Bs_answers(run):
     with safe_open(str(bundles["G0"]), "np") as f:
         assert set(f.keys()) == {"x", "y", "offsets"} and "G1" not in json.dumps(f.metadata())
     context = node_context(cfg, {"bundle": str(bundles["G0"])})
-    assert client_app._setup(context)[2] == ["G0"]
-    assert list(client_app._setup(context)[1].data.answers) == ["G0"]
+    assert client_app._setup(cfg, context)[1] == ["G0"]
+    assert list(client_app._setup(cfg, context)[0].data.answers) == ["G0"]
     with pytest.raises(ValueError, match=r"this node hosts \['G0'\], not 'G1'"):
         call_client(client_app.train, cfg, exp, "G1", {}, node_config={"bundle": str(bundles["G0"])})
 
@@ -150,9 +150,9 @@ def test_broken_bundles_fail_with_a_clear_message(run, tmp_path):
     with pytest.raises(BundleError, match="not a PluralLLM bundle"):
         read_bundle(tmp_path / "plain.safetensors")
     with pytest.raises(BundleError, match="embedded with 'minilm', but the run-config says .*embedder='smollm2'"):
-        client_app._setup(node_context(cfg.replace(embedder="smollm2"), {"bundle": str(bundles["G0"])}))
+        client_app._setup(cfg.replace(embedder="smollm2"), node_context(cfg, {"bundle": str(bundles["G0"])}))
     with pytest.raises(BundleError, match="must be an absolute path"):
-        client_app._setup(node_context(cfg, {"bundle": "bundles/G0.bundle.safetensors"}))
+        client_app._setup(cfg, node_context(cfg, {"bundle": "bundles/G0.bundle.safetensors"}))
     with pytest.raises(BundleError, match=f"{tmp_path / 'missing.bundle.safetensors'} does not exist"):
         client_app.hosted_groups(reply(0, RecordDict({"config": ConfigRecord({})}), kind="query"),
                                  node_context(cfg, {"bundle": str(tmp_path / "missing.bundle.safetensors")}))
@@ -169,8 +169,8 @@ def test_eval_bundles_run_config_is_checked(run):
     server = RunConfig(dataset="opinionqa", eval_bundles=str(bundles["G2"]))  # no data-path needed
     assert server.bundle_paths == [str(bundles["G2"])]
     with pytest.raises(ConfigError, match="eval-bundles' is for deployments"):
-        client_app._setup(node_context(cfg.replace(eval_bundles=str(bundles["G2"])), {"partition-id": 0,
-                                                                                      "num-partitions": 1}))
+        client_app._setup(cfg.replace(eval_bundles=str(bundles["G2"])), node_context(cfg, {"partition-id": 0,
+                                                                                           "num-partitions": 1}))
 
 
 def test_bundle_command(tiny_config, tmp_path, capsys):

@@ -1,17 +1,20 @@
 """The Flower side: aggregation, the ClientApp's train/evaluate, FedProx, and a real `flwr run`."""
 import csv
 import json
+import re
 import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Metadata, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from pluralllm_flwr import client_app
 from pluralllm_flwr.experiment import prepare_experiment
-from pluralllm_flwr.grid import PromptGrid
+from pluralllm_flwr.config import ConfigError, RunConfig, read_batch
+from pluralllm_flwr.grid import RUN_CONFIG, PromptGrid, RunGrid
 from pluralllm_flwr.results import TIMING_FIELDS, ResultsWriter
 
 from pluralllm_flwr.strategies import CONTROL, CORRECTION, UNIT_WEIGHT, NoClientsError, build_strategy
@@ -188,41 +191,91 @@ def test_client_replies_carry_only_arrays_and_scalar_metrics(tiny_config):
     assert 0 < evaluated.content["metrics"]["heldback-alignment"] <= 1
 
 
+def test_the_client_trains_the_run_its_message_names(tiny_config):
+    """In a batch (several runs in one Flower run) the node's run-config is not the message's run:
+    the ClientApp uses the run-config the ServerApp stamped on the message (grid.RunGrid)."""
+    cfg = tiny_config()
+    exp = prepare_experiment(cfg, progress=False)
+    other = cfg.replace(seed=5)
+    _, plain = call_client(client_app.train, cfg, exp, "G0", {})
+    _, stamped = call_client(client_app.train, cfg, exp, "G0", {},
+                             records={RUN_CONFIG: ConfigRecord(other.to_mapping())})
+    _, direct = call_client(client_app.train, other, exp, "G0", {})
+    trained = [m.content["arrays"].to_torch_state_dict() for m in (plain, stamped, direct)]
+    assert all(torch.equal(trained[1][k], trained[2][k]) for k in trained[1])  # the stamped run's seed
+    assert not all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+
+
+def test_run_grid_stamps_every_message_it_sends(monkeypatch):
+    for key in ("_task_id", "_run_id", "_node_id"):  # what a running ServerApp has set when it builds messages
+        monkeypatch.setattr(TaskIdentity, key, 1)
+
+    class Recorder(FakeGrid):
+        def push_messages(self, messages):
+            self.pushed = list(messages)
+            return []
+    inner = Recorder({5: ["G0"]})
+    grid = RunGrid(inner, {"seed": 3, "dataset": "opinionqa"})
+    message = Message(RecordDict({"config": ConfigRecord({"group": "G0"})}), dst_node_id=5, message_type="query")
+    grid.send_and_receive([message])
+    grid.push_messages([Message(RecordDict(), dst_node_id=5, message_type="train")])
+    assert dict(message.content[RUN_CONFIG]) == {"seed": 3, "dataset": "opinionqa"}
+    assert dict(inner.pushed[0].content[RUN_CONFIG])["seed"] == 3
+    assert list(grid.get_node_ids()) == [5]  # the rest is the wrapped grid's
+
+
+def test_a_bad_batch_is_refused_naming_the_run(tmp_path):
+    path = tmp_path / "batch.json"
+    cases = [("not json", "cannot read a JSON list"), ("[]", "non-empty JSON list"),
+             (json.dumps([{"out-dir": "/a"}, {"out-dir": "/b", "lr": -1}]), "run 1: run-config 'lr' must be positive"),
+             (json.dumps([{"seed": 1}]), "run 0: needs its own 'out-dir'"),
+             (json.dumps([{"out-dir": "/a"}, {"out-dir": "/a"}]), "same out-dir")]
+    for text, message in cases:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            read_batch(path)
+    with pytest.raises(ConfigError, match="absolute path"):
+        RunConfig(batch="batch.json")
+
+
+STRATEGIES_E2E = ("fedavg", "fedprox", "scaffold")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "scaffold"])
-def test_flwr_run_simulation_end_to_end(tiny_config, tmp_path, strategy):
+def test_a_batch_in_one_flower_run_equals_separate_runs_whatever_the_node_layout(tiny_config, tmp_path):
+    """FedAvg, FedProx and SCAFFOLD as one batch in one Flower simulation on 4 virtual SuperNodes:
+    each run writes the whole results contract. SCAFFOLD (the batch's last run) again, alone through
+    `pluralllm simulate` on 2 nodes (so replies come from other processes in another order), gives
+    identical per-round metrics: a batch changes no number, and neither does the node layout."""
     from pluralllm_flwr.cli import main
-
-    cfg = tiny_config(strategy=strategy, **{"proximal-mu": 0.1})
-    overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
-                         for k, v in cfg.to_mapping().items())
-    assert main(["simulate", "--quiet", "--num-supernodes", "3", "--timeout", "400", "--run-config", overrides]) == 0
-    out = tmp_path / "out"
-    results = json.loads((out / "results.json").read_text())
-    assert [e["round"] for e in results["history"]] == [0, 1, 2, 3]
-    assert results["method"] == strategy and results["train_groups"] == ["G0", "G1", "G3", "G4"]
-    assert results["history"][-1]["clients"] == 4 and results["history"][-1]["gradient_steps"] == 3 * 4 * 3
-    assert results["history"][-1]["alignment"] != results["history"][0]["alignment"]  # the model was trained
-    assert results["final"] == results["history"][-1]
-    with open(out / "history.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and "group:G2" in rows[0] and "fairness_jain" in rows[0]
-    assert (out / "best.safetensors").is_file() and (out / "last.safetensors").is_file()
-
-
-@pytest.mark.slow
-def test_same_seed_same_metrics_whatever_the_node_layout(tiny_config, tmp_path):
-    """Two simulations with one seed, on 4 and on 2 virtual SuperNodes (so replies arrive from other
-    processes in another order), give identical per-round metrics."""
     from pluralllm_flwr.results import load_results
-    from pluralllm_flwr.simulation import simulate
+    from pluralllm_flwr.simulation import simulate_batch
 
-    histories = []
-    for nodes in (4, 2):
-        cfg = tiny_config(**{"out-dir": str(tmp_path / f"n{nodes}"), "num-server-rounds": 2})
-        simulate(cfg, nodes, timeout=400, echo=lambda line: None)
-        histories.append([{k: v for k, v in e.items() if k not in TIMING_FIELDS}
-                          for e in load_results(cfg.out_dir)["history"]])
+    cfgs = [tiny_config(strategy=s, **{"proximal-mu": 0.1, "out-dir": str(tmp_path / s)}) for s in STRATEGIES_E2E]
+    lines = []
+    simulate_batch(cfgs, 4, timeout=600, echo=lines.append)
+    assert sum("PluralLLM batch: run" in line for line in lines) == 3
+    for strategy in STRATEGIES_E2E:
+        out = tmp_path / strategy
+        results = json.loads((out / "results.json").read_text())
+        assert [e["round"] for e in results["history"]] == [0, 1, 2, 3]
+        assert results["method"] == strategy and results["train_groups"] == ["G0", "G1", "G3", "G4"]
+        assert results["history"][-1]["clients"] == 4 and results["history"][-1]["gradient_steps"] == 3 * 4 * 3
+        assert results["history"][-1]["alignment"] != results["history"][0]["alignment"]  # the model was trained
+        assert results["final"] == results["history"][-1]
+        with open(out / "history.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 4 and "group:G2" in rows[0] and "fairness_jain" in rows[0]
+        assert (out / "best.safetensors").is_file() and (out / "last.safetensors").is_file()
+    methods = {json.loads((tmp_path / s / "results.json").read_text())["history"][-1]["alignment"] for s in STRATEGIES_E2E}
+    assert len(methods) == 3  # each run trained its own strategy, not the Flower run's default
+
+    alone = cfgs[-1].replace(out_dir=str(tmp_path / "alone"))
+    overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
+                         for k, v in alone.to_mapping().items())
+    assert main(["simulate", "--quiet", "--num-supernodes", "2", "--timeout", "400", "--run-config", overrides]) == 0
+    histories = [[{k: v for k, v in e.items() if k not in TIMING_FIELDS} for e in load_results(path)["history"]]
+                 for path in (cfgs[-1].out_dir, alone.out_dir)]
     assert histories[0] == histories[1]
 
 
