@@ -7,6 +7,7 @@ so any number of virtual nodes covers every group. Each message names the one gr
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -29,7 +30,20 @@ from .model import Predictor
 from .training import ClientOptimizer, predict, train_steps
 from .metrics import alignment, mean_excluding_nan
 
-app = ClientApp()
+
+
+def with_stamped_run_config(msg: Message, context: Context, call_next) -> Message:
+    """The run a message belongs to: a Flower run may execute several runs in turn (run-config
+    `batch`), and the ServerApp stamps each message with its run's run-config (`grid.RunGrid`). This
+    mod takes the stamp off, so handlers and Flower's mods see the message as the strategy built it
+    (`fixedclipping_mod` wants exactly one ConfigRecord), and hands on a context whose run_config is
+    that run's; an unstamped message keeps the Flower run's own."""
+    if RUN_CONFIG in msg.content:
+        context = dataclasses.replace(context, run_config=dict(msg.content.pop(RUN_CONFIG)))
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[with_stamped_run_config])
 
 
 @functools.lru_cache(maxsize=2)
@@ -46,14 +60,6 @@ def _bundle_experiment(cfg: RunConfig, path: str) -> Experiment:
                           "whose working directory is Flower's choice)")
     bundle = read_bundle(path)
     return bundle_experiment(cfg, [bundle], GroupSplit([bundle.group], []))
-
-
-def _run_config(msg: Message, context: Context) -> RunConfig:
-    """The config of the run this message belongs to: the one the ServerApp stamped on it (a Flower
-    run may execute several runs in turn, run-config `batch`), else the Flower run's own."""
-    if RUN_CONFIG in msg.content:
-        return RunConfig.from_mapping(dict(msg.content[RUN_CONFIG]))
-    return RunConfig.from_mapping(context.run_config)
 
 
 def _setup(cfg: RunConfig, context: Context) -> tuple[Experiment, list[str]]:
@@ -77,7 +83,7 @@ def _setup(cfg: RunConfig, context: Context) -> tuple[Experiment, list[str]]:
 def _receive(msg: Message, context: Context) -> tuple[RunConfig, Experiment, str, Predictor, str]:
     """What a train or evaluate message needs: the run, the message's group (which this node must
     host) and the global model on the device."""
-    cfg = _run_config(msg, context)
+    cfg = RunConfig.from_mapping(context.run_config)
     exp, hosted = _setup(cfg, context)
     group = str(msg.content["config"]["group"])
     if group not in hosted:
@@ -100,7 +106,7 @@ def _log_stages(context: Context, kind: str, group: str, entered: float, set_up:
 
 @app.query(HOSTS_QUERY)
 def hosted_groups(msg: Message, context: Context) -> Message:
-    _, hosted = _setup(_run_config(msg, context), context)
+    _, hosted = _setup(RunConfig.from_mapping(context.run_config), context)
     return Message(RecordDict({"hosted": ConfigRecord({"groups": hosted})}), reply_to=msg)
 
 

@@ -197,10 +197,10 @@ def test_the_client_trains_the_run_its_message_names(tiny_config):
     cfg = tiny_config()
     exp = prepare_experiment(cfg, progress=False)
     other = cfg.replace(seed=5)
-    _, plain = call_client(client_app.train, cfg, exp, "G0", {})
-    _, stamped = call_client(client_app.train, cfg, exp, "G0", {},
+    _, plain = call_client(client_app.app, cfg, exp, "G0", {})  # through the app, so its mods run
+    _, stamped = call_client(client_app.app, cfg, exp, "G0", {},
                              records={RUN_CONFIG: ConfigRecord(other.to_mapping())})
-    _, direct = call_client(client_app.train, other, exp, "G0", {})
+    _, direct = call_client(client_app.app, other, exp, "G0", {})
     trained = [m.content["arrays"].to_torch_state_dict() for m in (plain, stamped, direct)]
     assert all(torch.equal(trained[1][k], trained[2][k]) for k in trained[1])  # the stamped run's seed
     assert not all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])

@@ -11,6 +11,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from pluralllm_flwr import client_app
 from pluralllm_flwr.config import ConfigError, RunConfig
 from pluralllm_flwr.experiment import prepare_experiment
+from pluralllm_flwr.grid import RUN_CONFIG
 from pluralllm_flwr.results import LAST_CHECKPOINT, ResultsWriter, load_results
 from pluralllm_flwr.simulation import simulate
 from pluralllm_flwr.strategies import build_strategy, with_privacy
@@ -63,7 +64,9 @@ def test_client_side_clipping_mod_runs_when_the_server_asks(tiny_config):
         config = {"lr": cfg.lr, "local-steps": cfg.local_steps, "server-round": 1, "group": "G0"}
         if clip:
             config[KEY_CLIPPING_NORM] = clip
-        message = reply(0, RecordDict({"arrays": ArrayRecord(start), "config": ConfigRecord(config)}))
+        # stamped with its run's config, as the ServerApp's RunGrid sends every message
+        message = reply(0, RecordDict({"arrays": ArrayRecord(start), "config": ConfigRecord(config),
+                                       RUN_CONFIG: ConfigRecord(cfg.to_mapping())}))
         context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 1},
                           state=RecordDict(), run_config=cfg.to_mapping())
         out = client_app.app(message, context)  # through the ClientApp, so its mods run
