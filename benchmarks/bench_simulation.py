@@ -26,12 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pluralllm_flwr.config import RunConfig  # noqa: E402
-from pluralllm_flwr.data import seeded_rng  # noqa: E402
 from pluralllm_flwr.experiment import prepare_experiment  # noqa: E402
 from pluralllm_flwr.results import load_results  # noqa: E402
 from pluralllm_flwr.simulation import simulate  # noqa: E402
 from tests.conftest import synthetic_goqa  # noqa: E402
-from pluralllm_flwr.training import train_steps  # noqa: E402
+from benchmarks.fedavg_in_process import fedavg_round  # noqa: E402
 
 
 class PeakMemory:
@@ -54,27 +53,22 @@ class PeakMemory:
         self.thread.join()
 
 
-def in_process_rounds(cfg: RunConfig, rounds: int) -> list[float]:
-    """Seconds of each round of the same client work without Flower."""
+def in_process_rounds(cfg: RunConfig, rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds of each round of the same client work without Flower (benchmarks/fedavg_in_process.py),
+    and of the same rounds on two ideal workers that take the groups' trainings in turn, as the
+    simulation's two client processes do: a synchronous round waits for the later one to finish."""
     exp = prepare_experiment(cfg, progress=False)
-    global_state = exp.build_model().state_dict()
-    vectors = {g: exp.vectors(g, "train") for g in exp.split.train}
-    times = []
+    state = exp.build_model().state_dict()
+    times, two_workers = [], []
     for server_round in range(1, rounds + 1):
-        start = time.perf_counter()
-        states, weights = [], []
-        for group, data in vectors.items():
-            model = exp.build_model()
-            model.load_state_dict(global_state)
-            optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-            train_steps(model, optimizer, [data], cfg.local_steps, exp.sizes,
-                        seeded_rng(cfg.seed, "train", group, server_round), "cpu")
-            states.append(model.state_dict())
-            weights.append(data.num_questions)
-        w = np.asarray(weights, np.float64) / sum(weights)
-        global_state = {k: sum(wi * s[k] for wi, s in zip(w, states)) for k in global_state}
+        start, clients = time.perf_counter(), []
+        state, _ = fedavg_round(exp, state, server_round, client_seconds=clients)
         times.append(time.perf_counter() - start)
-    return times
+        free = [0.0, 0.0]  # when each worker is next free
+        for seconds in clients:
+            free[free.index(min(free))] += seconds
+        two_workers.append(max(free))
+    return times, two_workers
 
 
 def main() -> None:
@@ -95,10 +89,10 @@ def main() -> None:
                         features="raw" if args.model == "gpo" else RunConfig.features)
         prepare_experiment(cfg, progress=False)  # embed once, outside both timings
         with PeakMemory() as base_mem:
-            base = in_process_rounds(cfg, args.rounds)
+            base, _ = in_process_rounds(cfg, args.rounds)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as each virtual client runs; the simulation runs two of them at once
-        single = in_process_rounds(cfg, args.rounds)
+        single, packed = in_process_rounds(cfg, args.rounds)
         torch.set_num_threads(threads)
         start = time.perf_counter()
         with PeakMemory() as sim_mem:
@@ -108,22 +102,24 @@ def main() -> None:
         # Round 0 is evaluated after the nodes answered the host query (Ray actors are up by then), so
         # rounds 1..R between the two evaluation points are steady state (plus one tiny evaluation).
         per_round_sim = (history[-1]["wall_seconds"] - history[0]["wall_seconds"]) / args.rounds
-        steady_base, steady_single = float(np.median(base[1:])), float(np.median(single[1:]))
-        rows.append((n, steady_base, steady_single, per_round_sim, wall, wall - args.rounds * per_round_sim,
+        steady_base, steady_single, steady_packed = (float(np.median(t[1:])) for t in (base, single, packed))
+        rows.append((n, steady_base, steady_single, steady_packed, per_round_sim, wall, wall - args.rounds * per_round_sim,
                      base_mem.peak / 2**30, sim_mem.peak / 2**30))
         print(f"{n} clients done: in-process {steady_base:.2f} s/round ({steady_single:.2f} with 1 thread), "
               f"simulation {per_round_sim:.2f} s/round",
               file=sys.stderr, flush=True)
     print(f"\n{args.rounds} rounds, {args.questions} questions per group, 6 local steps, MiniLM (384-d), "
           f"torch {torch.__version__}, {psutil.cpu_count()} CPUs. 'Ideal' = the 1-thread in-process time / 2: "
-          "the two 1-thread client processes of the simulation with no overhead at all.\n")
-    print("| clients | in-process s/round (torch threads) | in-process s/round (1 thread) | simulation s/round | "
-          "overhead vs ideal | `flwr run` wall s | start-up + teardown s | peak extra RAM in-process | "
-          "peak extra RAM simulation |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for n, base, single, sim, wall, startup, mem_base, mem_sim in rows:
-        print(f"| {n} | {base:.2f} | {single:.2f} | {sim:.2f} | {100 * (sim / (single / 2) - 1):+.0f}% | {wall:.1f} | "
-              f"{startup:.1f} | {mem_base:.2f} GiB | {mem_sim:.2f} GiB |")
+          "the two 1-thread client processes of the simulation with no overhead at all; 'two workers' = the "
+          "same groups' 1-thread trainings taken in turn by two workers, so a round also waits for the later "
+          "one (what a synchronous round costs without Flower).\n")
+    print("| clients | in-process s/round (torch threads) | in-process s/round (1 thread) | two workers s/round | "
+          "simulation s/round | simulation vs ideal | simulation vs two workers | `flwr run` wall s | "
+          "start-up + teardown s | peak extra RAM in-process | peak extra RAM simulation |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, base, single, packed, sim, wall, startup, mem_base, mem_sim in rows:
+        print(f"| {n} | {base:.2f} | {single:.2f} | {packed:.2f} | {sim:.2f} | {100 * (sim / (single / 2) - 1):+.0f}% | "
+              f"{100 * (sim / packed - 1):+.0f}% | {wall:.1f} | {startup:.1f} | {mem_base:.2f} GiB | {mem_sim:.2f} GiB |")
     shutil.rmtree(scratch)  # its data, caches and runs
 
 

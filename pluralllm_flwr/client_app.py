@@ -26,7 +26,8 @@ from .data import GroupSplit, seeded_rng
 from .experiment import Experiment, bundle_experiment, prepare_experiment, resolve_device
 from .grid import RUN_CONFIG
 from .strategies import CONTROL, CORRECTION, HOSTS_QUERY, UNIT_WEIGHT
-from .model import Predictor
+from .model import ModelConfig, Predictor
+from .predictors import build_predictor
 from .training import ClientOptimizer, predict, train_steps
 from .metrics import alignment, mean_excluding_nan
 
@@ -89,9 +90,19 @@ def _receive(msg: Message, context: Context) -> tuple[RunConfig, Experiment, str
     if group not in hosted:
         raise ValueError(f"this node hosts {hosted}, not {group!r}")
     device = resolve_device(cfg.device)
-    model = exp.build_model()
+    model, rng_after_build = _model(exp.model_config, cfg.seed)
+    torch.set_rng_state(rng_after_build)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return cfg, exp, group, model.to(device), device
+
+
+@functools.lru_cache(maxsize=2)
+def _model(config: ModelConfig, seed: int) -> tuple[Predictor, torch.Tensor]:
+    """The predictor, built once per process (a Ray actor serves many messages), with the CPU random
+    state that building it (`Experiment.build_model`) left behind: every message loads the global
+    weights into it and restores that state, so it trains exactly as on a freshly built model."""
+    model = build_predictor(config, seed=seed)
+    return model, torch.get_rng_state()
 
 
 def _log_stages(context: Context, kind: str, group: str, entered: float, set_up: float, done: float) -> None:

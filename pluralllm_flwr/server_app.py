@@ -9,7 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .config import RunConfig, read_batch
 from .experiment import baseline_summary, fmt_gain, prepare_experiment, resolve_device
-from .grid import PromptGrid, RunGrid
+from .grid import RunGrid, prompt_grid
 from .results import ResultsWriter, out_dir_for
 from .strategies import build_strategy, with_privacy
 
@@ -20,7 +20,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)  # one clear error before any client starts
     runs = read_batch(cfg.batch) if cfg.batch else [cfg]  # every run of a batch checked before the first
-    grid = PromptGrid(grid)  # replies as they arrive, not every 3 s (a deployment's HttpGrid)
+    grid = prompt_grid(grid)  # replies as they arrive, not every 3 s (HttpGrid) or 0.1 s (InMemoryGrid)
     for i, run in enumerate(runs):
         if len(runs) > 1:
             print(f"PluralLLM batch: run {i + 1} of {len(runs)}", flush=True)

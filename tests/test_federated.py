@@ -14,7 +14,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from pluralllm_flwr import client_app
 from pluralllm_flwr.experiment import prepare_experiment
 from pluralllm_flwr.config import ConfigError, RunConfig, read_batch
-from pluralllm_flwr.grid import RUN_CONFIG, PromptGrid, RunGrid
+from pluralllm_flwr.grid import (LOCAL_PULL_INTERVAL, REMOTE_PULL_INTERVAL, RUN_CONFIG, PromptGrid, RunGrid,
+                                 prompt_grid)
 from pluralllm_flwr.results import TIMING_FIELDS, ResultsWriter
 
 from pluralllm_flwr.strategies import CONTROL, CORRECTION, UNIT_WEIGHT, NoClientsError, build_strategy
@@ -305,3 +306,26 @@ def test_prompt_grid_returns_once_the_last_reply_arrives_and_keeps_the_timeout()
     start = time.monotonic()
     late = PromptGrid(SlowLink([0.0, 60.0]), interval=0.05).send_and_receive(messages[:2], timeout=0.4)
     assert [r.metadata.reply_to_message_id for r in late] == ["m0"] and time.monotonic() - start < 1.5
+
+
+def test_prompt_grid_pulls_a_simulations_in_process_state_more_often_than_a_superlink():
+    from flwr.superlink.grid import InMemoryGrid
+
+    assert prompt_grid(InMemoryGrid.__new__(InMemoryGrid)).interval == LOCAL_PULL_INTERVAL < REMOTE_PULL_INTERVAL
+    assert prompt_grid(FakeGrid({5: ["G0"]})).interval == REMOTE_PULL_INTERVAL
+
+
+def test_a_process_reusing_its_model_trains_exactly_as_a_fresh_one(tiny_config):
+    """The ClientApp builds its predictor once per process (client_app._model) and loads each message's
+    weights into it: replies stay byte-identical to those of a freshly built model, whatever ran before."""
+    cfg = tiny_config()
+    exp = prepare_experiment(cfg, progress=False)
+    client_app._model.cache_clear()
+    _, first = call_client(client_app.app, cfg, exp, "G0", {})
+    call_client(client_app.app, cfg, exp, "G1", {"server-round": 2})
+    _, again = call_client(client_app.app, cfg, exp, "G0", {})
+    client_app._model.cache_clear()
+    _, fresh = call_client(client_app.app, cfg, exp, "G0", {})
+    arrays = [m.content["arrays"] for m in (first, again, fresh)]
+    for key in arrays[0]:
+        assert arrays[0][key].data == arrays[1][key].data == arrays[2][key].data
