@@ -32,7 +32,6 @@ from .training import ClientOptimizer, predict, train_steps
 from .metrics import alignment, mean_excluding_nan
 
 
-
 def with_stamped_run_config(msg: Message, context: Context, call_next) -> Message:
     """The run a message belongs to: a Flower run may execute several runs in turn (run-config
     `batch`), and the ServerApp stamps each message with its run's run-config (`grid.RunGrid`). This
