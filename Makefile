@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET ?= globalopinionqa
 DATA ?=
-ROUNDS ?= 200
+ROUNDS ?=
 
 .PHONY: install demo data test reproduce gpu-check privacy deploy certs bench clean
 
@@ -24,7 +24,7 @@ data: install
 # The main job: federated simulation (GlobalOpinionQA from the hub, or DATA=path; DATASET=opinionqa)
 # and its report in runs/<timestamp>/.
 demo: install
-	$(VENV)/bin/pluralllm demo --dataset $(DATASET) $(if $(DATA),--path $(DATA)) --rounds $(ROUNDS)
+	$(VENV)/bin/pluralllm demo --dataset $(DATASET) $(if $(DATA),--path $(DATA)) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 test: install
 	$(PY) -m pytest -q --durations=15

@@ -1,12 +1,18 @@
-"""FedAvg without Flower: the ClientApp's local training and the strategy's weighted average in one
-process, for fast probes of what makes a federation learn each group (docs/conditioning.md).
+"""Federated training without Flower: the ClientApp's local training and the strategy's server step in
+one process, for fast probes of what makes a federation learn each group (docs/conditioning.md).
 
 Each round every training group trains from the global weights exactly as its ClientApp would (the same
-episode streams, `ClientOptimizer`, lr schedule, FedProx term and same-questions sampler), and the
-global model moves by `--server-lr` times the weighted mean of the groups' updates (1 = FedAvg). Every
+episode streams, `ClientOptimizer`, lr schedule, FedProx term and same-questions sampler); the server
+then takes the weighted mean of the groups' updates and steps as run-config `strategy` says: `fedavg`
+and `fedprox` add it, `fedavgm` (momentum 0) adds server-lr times it, `fedadam` takes Flower's FedAdam
+step on it (beta_1 0.9, beta_2 0.99, server-tau). `--pooled` instead trains one client that holds every
+training group, the same episodes per round, to separate "one group per client" from the rest. Every
 `--eval-every` rounds it prints the held-out alignment, the conditioning gain and alignment with 5 and
 50 context questions (3 draws). A Flower simulation gives the same training, plus Flower's cost per
 message; this is for comparing settings, not for timing.
+
+The settings start from FedAvg's (12 local Adam steps of 4 episodes each: FEDAVG_FEDERATION) and -c
+changes them; docs/conditioning.md spells out the demo's federation as such a -c.
 
     python benchmarks/fedavg_in_process.py --data ../shared/data/opinionqa/human_resp --rounds 100 \\
         -c "episode-sampler='same-questions'"
@@ -22,39 +28,71 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pluralllm_flwr.config import DEMO_FEDERATION, RunConfig, parse_overrides  # noqa: E402
+from pluralllm_flwr.config import FEDAVG_FEDERATION, RunConfig, parse_overrides  # noqa: E402
 from pluralllm_flwr.data import seeded_rng  # noqa: E402
 from pluralllm_flwr.experiment import Experiment, prepare_experiment  # noqa: E402
 from pluralllm_flwr.training import ClientOptimizer, lr_factor, train_steps  # noqa: E402
 
+IN_PROCESS = ("fedavg", "fedprox", "fedavgm", "fedadam")
 
-def fedavg_round(exp: Experiment, global_state: dict, server_round: int, *, server_lr: float = 1.0,
-                 proximal_mu: float = 0.0, client_seconds: list[float] | None = None) -> tuple[dict, list[float]]:
-    """One FedAvg round of every training group, as the ClientApps and the strategy do it: the new
-    global weights and the groups' step losses; each group's training seconds go to `client_seconds`."""
+
+def mean_update(exp: Experiment, global_state: dict, server_round: int, lr: float, *, pooled: bool = False,
+                client_seconds: list[float] | None = None) -> tuple[dict, list[float]]:
+    """Every training group's local training from the global weights, as its ClientApp does it: the
+    weighted mean of their updates and their step losses; each group's training seconds go to
+    `client_seconds`. `pooled`: one client holding every group instead (the episodes are the same in kind,
+    drawn from one stream)."""
     cfg = exp.cfg
     model = exp.build_model()
-    lr = cfg.lr * lr_factor(server_round - 1, cfg.num_server_rounds, cfg.lr_schedule, cfg.warmup_steps)
     groups = exp.split.train
     sizes = np.array([exp.vectors(g, "train").num_questions for g in groups], np.float64)
     weights = sizes / sizes.sum() if cfg.weighting == "num-examples" else np.full(len(groups), 1 / len(groups))
+    mu = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
+    clients = [(1.0, groups, "pooled")] if pooled else [(w, [g], g) for w, g in zip(weights, groups)]
     update = {k: torch.zeros_like(v) for k, v in global_state.items()}
     losses: list[float] = []
-    for weight, group in zip(weights, groups):
+    for weight, members, stream in clients:
         started = time.perf_counter()
         model.load_state_dict(global_state)
         shared = seeded_rng(cfg.seed, "questions", server_round) if cfg.episode_sampler == "same-questions" else None
-        anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+        anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
         losses += train_steps(model, ClientOptimizer(model.parameters(), cfg.client_optimizer, lr),
-                              [exp.vectors(group, "train")], cfg.local_steps, exp.sizes,
-                              seeded_rng(cfg.seed, "train", group, server_round), "cpu",
-                              proximal_mu=proximal_mu, anchor=anchor, same_questions=shared,
+                              [exp.vectors(g, "train") for g in members], cfg.local_steps, exp.sizes,
+                              seeded_rng(cfg.seed, "train", stream, server_round), "cpu",
+                              proximal_mu=mu, anchor=anchor, same_questions=shared,
                               episodes_per_step=cfg.episodes_per_step)
         if client_seconds is not None:
             client_seconds.append(time.perf_counter() - started)
         for key, value in model.state_dict().items():
             update[key] += weight * (value - global_state[key])
-    return {k: global_state[k] + server_lr * update[k] for k in global_state}, losses
+    return update, losses
+
+
+class Server:
+    """The strategy's step on the mean update, for the strategies that need no per-client state:
+    FedAvg/FedProx (add it), FedAvgM with momentum 0 (add server-lr times it) and Flower's FedAdam rule
+    (flwr.serverapp.strategy.FedAdam.aggregate_train, its eta scaled by the lr schedule as PluralMixin does)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        if cfg.strategy not in IN_PROCESS or (cfg.strategy == "fedavgm" and cfg.server_momentum):
+            raise SystemExit(f"in process: strategy must be one of {IN_PROCESS} (fedavgm without momentum), "
+                             f"got {cfg.strategy!r}")
+        self.cfg, self.m, self.v = cfg, {}, {}
+
+    def step(self, state: dict, update: dict, server_round: int) -> dict:
+        c = self.cfg
+        if c.strategy != "fedadam":
+            scale = c.server_lr if c.strategy == "fedavgm" else 1.0
+            return {k: state[k] + scale * update[k] for k in state}
+        beta_1, beta_2 = 0.9, 0.99
+        eta = c.server_lr * lr_factor(server_round - 1, c.num_server_rounds, c.lr_schedule, c.warmup_steps)
+        eta_norm = eta * np.sqrt(1 - beta_2 ** (server_round + 1.0)) / (1 - beta_1 ** (server_round + 1.0))
+        out = {}
+        for k, x in state.items():
+            self.m[k] = beta_1 * self.m.get(k, 0) + (1 - beta_1) * update[k]
+            self.v[k] = beta_2 * self.v.get(k, 0) + (1 - beta_2) * update[k] ** 2
+            out[k] = x + eta_norm * self.m[k] / (self.v[k].sqrt() + c.server_tau)
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,22 +100,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="OpinionQA's human_resp folder")
     p.add_argument("--rounds", type=int, default=100, help="rounds (the lr schedule spans them)")
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--server-lr", type=float, default=1.0, help="step on the mean update (1 = FedAvg)")
-    p.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's mu (0 = FedAvg)")
-    p.add_argument("--run-config", "-c", default="", help="run-config overrides (client optimiser, lr, local steps...)")
+    p.add_argument("--pooled", action="store_true", help="one client holding every training group (a diagnostic)")
+    p.add_argument("--run-config", "-c", default="", help="run-config overrides (strategy, client optimiser, lr, "
+                   "local steps...) on FEDAVG_FEDERATION")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: as one virtual client)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    federation = {k: v for k, v in DEMO_FEDERATION.items() if k != "eval-every"}
+    federation = {k: v for k, v in FEDAVG_FEDERATION.items() if k != "eval-every"}  # --eval-every here
     cfg = RunConfig.from_mapping({"dataset": "opinionqa", "data-path": str(Path(args.data).resolve()),
                                   "num-server-rounds": args.rounds, **federation, "eval-draws": 3,
                                   "eval-context-sizes": "5,50", **parse_overrides([args.run_config])})
+    server = Server(cfg)
     exp = prepare_experiment(cfg, progress=True)
     state = exp.build_model().state_dict()
     started = time.perf_counter()
     print("| round | seconds | train loss | alignment | conditioning gain | 5 context | 50 context |\n|---|---|---|---|---|---|---|")
     for server_round in range(1, args.rounds + 1):
-        state, losses = fedavg_round(exp, state, server_round, server_lr=args.server_lr, proximal_mu=args.proximal_mu)
+        lr = cfg.lr * lr_factor(server_round - 1, cfg.num_server_rounds, cfg.lr_schedule, cfg.warmup_steps)
+        update, losses = mean_update(exp, state, server_round, lr, pooled=args.pooled)
+        state = server.step(state, update, server_round)
         if server_round % args.eval_every == 0 or server_round == args.rounds:
             model = exp.build_model()
             model.load_state_dict(state)

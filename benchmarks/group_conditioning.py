@@ -1,7 +1,8 @@
 """Does the predictor learn each group? The ablation behind the README's conditioning figures.
 
 For each setting (model × features × sampler, one factor changed at a time from the default) and
-each method (centralized; FedAvg through Flower's simulation, with the demo's federation settings), over seeds, it prints a Markdown table
+each method (centralized; FedAvg through Flower's simulation at its best settings; the demo's federation,
+FedAdam over one-step clients), over seeds, it prints a Markdown table
 of held-out alignment, conditioning gain (own context minus another held-out group's answers to the
 same context questions), alignment with 5 and 50 context questions, and seen against unseen
 questions, beside the four baselines measured in the same runs; then writes the table and figures
@@ -25,7 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pluralllm_flwr.centralized import train_centralized  # noqa: E402
-from pluralllm_flwr.config import DEMO_FEDERATION, RunConfig, parse_overrides  # noqa: E402
+from pluralllm_flwr.config import (DEMO_FEDERATION, DEMO_ROUNDS, FEDAVG_FEDERATION, FEDAVG_ROUNDS,  # noqa: E402
+                                   RunConfig, parse_overrides)
 from pluralllm_flwr.data import prepare  # noqa: E402
 from pluralllm_flwr.report import baseline_lines, focus_limits  # noqa: E402
 from pluralllm_flwr.reproduce import run_or_reuse  # noqa: E402
@@ -42,7 +44,8 @@ SETTINGS = {
     "question-option": {"features": "question-option"},
     "same-questions": {"episode-sampler": "same-questions"},
 }
-METHODS = ("centralized", "fedavg")
+FEDERATIONS = {"fedavg": (FEDAVG_FEDERATION, FEDAVG_ROUNDS), "fedadam": (DEMO_FEDERATION, DEMO_ROUNDS)}
+METHODS = ("centralized", *FEDERATIONS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=3000, help="centralized gradient steps")
-    p.add_argument("--rounds", type=int, default=200, help="FedAvg rounds (the demo's)")
+    p.add_argument("--rounds", type=int, default=0, help=f"federated rounds (0: fedavg {FEDAVG_ROUNDS}, fedadam "
+                   f"{DEMO_ROUNDS}, the demo's)")
     p.add_argument("--heldout-questions", type=float, default=0.1, help="share of questions nobody trains on")
     p.add_argument("--run-config", "-c", default="", help="further run-config overrides for every run")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the centralized runs (0 = torch's default)")
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             "heldout-questions": args.heldout_questions, **parse_overrides([args.run_config])}
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
+    if set(methods) - set(METHODS):
+        p.error(f"unknown methods {sorted(set(methods) - set(METHODS))}; known: {list(METHODS)}")
     nodes = len(prepare(RunConfig.from_mapping(base))[1].train)  # a bad path or setting fails here, before any run
     out = Path(args.out).resolve()
     runs: dict[tuple[str, str], list[dict]] = {}
@@ -81,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             values.update({"num-server-rounds": args.steps, "eval-every": max(1, args.steps // 10)})
             cfg, last, go = RunConfig.from_mapping(values), args.steps, lambda c: train_centralized(c, progress=False)
         else:
-            values.update({**DEMO_FEDERATION, "num-server-rounds": args.rounds})
-            cfg, last = RunConfig.from_mapping(values), args.rounds
+            federation, rounds = FEDERATIONS[method]
+            last = args.rounds or rounds
+            values.update({**federation, "num-server-rounds": last})
+            cfg = RunConfig.from_mapping(values)
             go = lambda c: simulate(c, nodes, echo=lambda line: None)  # noqa: E731 - one virtual node per group
         path = run_or_reuse(out / setting / method / f"seed-{seed}", cfg, last, go, print,
                             f"[{i}/{len(plan)}] {setting}/{method}/seed-{seed}")

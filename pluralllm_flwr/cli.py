@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from . import data as D
-from .config import DATASETS, DEMO_FEDERATION, ConfigError, RunConfig, parse_overrides
+from .config import DATASETS, DEMO_FEDERATION, DEMO_ROUNDS, ConfigError, RunConfig, parse_overrides
 
 
 def _dataset_args(parser: argparse.ArgumentParser, with_json: bool = True) -> None:
@@ -189,12 +189,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_dir = (Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     defaults = {**DEMO_FEDERATION, "dataset": args.dataset, "data-path": str(Path(args.path).resolve()) if args.path
-                else "", "num-server-rounds": args.rounds, "out-dir": str(run_dir / "fedavg")}  # -c still wins
+                else "", "num-server-rounds": args.rounds, "out-dir": str(run_dir / "federated")}  # -c still wins
     status = cmd_simulate(argparse.Namespace(run_config=args.run_config, defaults=defaults, num_supernodes=0,
                                              timeout=None, quiet=True, overwrite=False))
     if status:
         return status
-    cmd_report(argparse.Namespace(runs=[str(run_dir / "fedavg")], out=str(run_dir)))
+    cmd_report(argparse.Namespace(runs=[str(run_dir / "federated")], out=str(run_dir)))
     print(f"\ndemo done: open {run_dir / 'report.md'} (plots beside it).\nAt the paper's scale (1,000 rounds; the "
           "default run-config):  pluralllm simulate -c \"dataset='...' data-path='...'\"")
     return 0
@@ -327,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: federated simulation on real data, then the report")
     _dataset_args(p, with_json=False)
-    p.add_argument("--rounds", type=int, default=200,
-                   help="server rounds (200 take about 13 minutes on 2 CPU cores, 3.7 s a round)")
+    p.add_argument("--rounds", type=int, default=DEMO_ROUNDS,
+                   help=f"server rounds (default {DEMO_ROUNDS}; README gives the time they take on 2 CPU cores)")
     _run_config_arg(p)
     p.set_defaults(func=cmd_demo)
 

@@ -35,10 +35,17 @@ LR_SCHEDULES = ("constant", "cosine")
 CLIENT_OPTIMIZERS = ("adam", "sgd")
 
 
-# The demo's federation (`pluralllm demo`, `make demo`): each round does more work per message than the
-# paper's 6 one-episode steps, since on 2 CPU cores a round's time is mostly Flower's per-message cost
-# (docs/conditioning.md). Run-config overrides given to the demo still win.
-DEMO_FEDERATION = {"local-steps": 12, "episodes-per-step": 4, "eval-every": 20}
+# The demo's federation (`pluralllm demo`, `make demo`): FedAdam over clients that each take one SGD step
+# on four episodes of their group, i.e. Adam on the federation's mean gradient, one round per step. FedAvg's
+# local steps on one group each learn the directions along which groups differ far more slowly per round
+# (docs/conditioning.md, "Why FedAvg learns the groups slowly"). Run-config overrides given to the demo win.
+DEMO_FEDERATION = {"strategy": "fedadam", "server-lr": 0.003, "server-tau": 1e-6, "client-optimizer": "sgd",
+                   "lr": 1.0, "local-steps": 1, "episodes-per-step": 4, "eval-every": 100}
+DEMO_ROUNDS = 800
+# FedAvg at its best settings found (docs/conditioning.md): 12 local Adam steps of 4 episodes per round, each
+# round doing more work per message, since on 2 CPU cores a round's time is mostly Flower's per-message cost.
+FEDAVG_FEDERATION = {"strategy": "fedavg", "local-steps": 12, "episodes-per-step": 4, "eval-every": 20}
+FEDAVG_ROUNDS = 200
 
 
 class ConfigError(ValueError):
@@ -78,6 +85,7 @@ class RunConfig:
     proximal_mu: float = 0.0
     server_lr: float = 1.0            # fedavgm: step on the averaged update (1 = FedAvg); adaptive: their step
     server_momentum: float = 0.0      # fedavgm's momentum
+    server_tau: float = 1e-3          # adaptive: the epsilon beside the second moment's root (Flower's tau)
     weighting: str = "num-examples"
     fraction_train: float = 1.0
     min_train_nodes: int = 0          # 0 = every training group must report (simulation); lower for deployments
@@ -140,6 +148,8 @@ class RunConfig:
         if not self.server_lr > 0 or not 0 <= self.server_momentum < 1:
             raise ConfigError(f"run-config needs server-lr > 0 and 0 <= server-momentum < 1, got {self.server_lr} and "
                               f"{self.server_momentum}")
+        if not self.server_tau > 0:
+            raise ConfigError(f"run-config 'server-tau' must be positive, got {self.server_tau}")
         if self.strategy in ADAPTIVE_STRATEGIES and self.server_lr > 0.1:
             raise ConfigError(f"run-config server-lr={self.server_lr} with strategy {self.strategy!r} would move every "
                               "weight by up to that much each round: an adaptive server step is normalised, so give "

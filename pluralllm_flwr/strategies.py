@@ -248,7 +248,7 @@ class PluralFedAvgM(PluralMixin, FedAvgM):
 
 class PluralFedAdam(PluralMixin, FedAdam):
     """Adam on the server (Reddi et al. 2021): the averaged update is the pseudo-gradient of Adam with
-    step server-lr (Flower's beta_1 0.9, beta_2 0.99, tau 1e-3). Its per-weight normalisation keeps
+    step server-lr (Flower's beta_1 0.9 and beta_2 0.99; tau is server-tau). Its per-weight normalisation keeps
     the small update the groups agree on from vanishing under the parts they disagree on."""
 
 
@@ -308,7 +308,7 @@ def build_strategy(cfg: RunConfig) -> PluralMixin:
     elif cfg.strategy == "fedavgm":
         kwargs.update(server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
     elif cfg.strategy in ADAPTIVE_STRATEGIES:
-        kwargs.update(eta=cfg.server_lr, eta_l=cfg.lr)
+        kwargs.update(eta=cfg.server_lr, eta_l=cfg.lr, tau=cfg.server_tau)
     return STRATEGIES[cfg.strategy](**kwargs)
 
 

@@ -31,6 +31,7 @@ def test_from_mapping_round_trip_and_int_for_float():
     ({"weighting": "size"}, "'weighting' must be one of"),
     ({"d-model": 130}, "divisible"),
     ({"server-momentum": 1.0}, "0 <= server-momentum < 1"),
+    ({"server-tau": 0.0}, "'server-tau' must be positive"),
     ({"strategy": "fedadam"}, "server-lr=1.0 with strategy 'fedadam'"),
     ({"strategy": "fedavgm", "resume": True, "out-dir": "/tmp/x"}, "cannot continue strategy 'fedavgm'"),
 ])

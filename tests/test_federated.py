@@ -113,6 +113,19 @@ def test_adaptive_server_step_is_normalised(tiny_config, tmp_path, strategy):
     assert 0 < moves[0] <= 0.011 and moves[0] == pytest.approx(moves[1], rel=0.02)
 
 
+def test_server_tau_sets_the_smallest_update_an_adaptive_server_step_normalises(tiny_config, tmp_path):
+    """An update far below tau barely moves the weights; with server-tau below it, it moves them by about server-lr
+    (one SGD step's update is this small: the gradient itself)."""
+    moves = []
+    for tau in (1e-3, 1e-9):
+        s = strategy_for(tiny_config(strategy="fedadam", **{"server-lr": 0.01, "server-tau": tau}), tmp_path)
+        s.current_arrays = {k: v.numpy() for k, v in ArrayRecord([np.zeros(2, np.float32)]).items()}
+        arrays, _ = s.aggregate_train(1, [train_reply(1, 1e-5, 1), train_reply(2, 1e-5, 1)])
+        moves.append(float(arrays.to_numpy_ndarrays()[0][0]))
+    assert moves[1] == pytest.approx(0.01 * np.sqrt(1 - 0.99 ** 2) / (1 - 0.9 ** 2), rel=0.02)  # Flower's eta_norm
+    assert 0 < moves[0] < 0.05 * moves[1]
+
+
 def test_scaffold_server_averages_the_controls_and_sends_each_group_its_correction(tiny_config, tmp_path, monkeypatch):
     for key in ("_task_id", "_run_id", "_node_id"):  # what a running ServerApp has set when it builds messages
         monkeypatch.setattr(TaskIdentity, key, 1)
