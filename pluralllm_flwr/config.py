@@ -22,7 +22,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 DATASETS = ("globalopinionqa", "opinionqa")
-STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")  # strategies.STRATEGIES
+STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold",
+              "qfedavg")  # strategies.STRATEGIES
 ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")  # server-lr is their normalised step (e.g. 0.01)
 SERVER_STATE_STRATEGIES = ("fedavgm", "scaffold") + ADAPTIVE_STRATEGIES  # server optimiser state that checkpoints do not hold
 WEIGHTINGS = ("num-examples", "uniform")
@@ -86,6 +87,7 @@ class RunConfig:
     server_lr: float = 1.0            # fedavgm: step on the averaged update (1 = FedAvg); adaptive: their step
     server_momentum: float = 0.0      # fedavgm's momentum
     server_tau: float = 1e-3          # adaptive: the epsilon beside the second moment's root (Flower's tau)
+    qfedavg_q: float = 0.1            # qfedavg: q of q-FFL (0 = uniform FedAvg; larger favours high-loss groups)
     weighting: str = "num-examples"
     fraction_train: float = 1.0
     min_train_nodes: int = 0          # 0 = every training group must report (simulation); lower for deployments
@@ -148,6 +150,8 @@ class RunConfig:
         if not self.server_lr > 0 or not 0 <= self.server_momentum < 1:
             raise ConfigError(f"run-config needs server-lr > 0 and 0 <= server-momentum < 1, got {self.server_lr} and "
                               f"{self.server_momentum}")
+        if self.qfedavg_q < 0:
+            raise ConfigError(f"run-config 'qfedavg-q' must be >= 0, got {self.qfedavg_q}")
         if not self.server_tau > 0:
             raise ConfigError(f"run-config 'server-tau' must be positive, got {self.server_tau}")
         if self.strategy in ADAPTIVE_STRATEGIES and self.server_lr > 0.1:

@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import GaussianPrivacyEvent, Grid, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping, FedAdagrad, FedAdam, FedAvg, FedAvgM,
-                                     FedMedian, FedProx, FedYogi, Strategy)
+                                     FedMedian, FedProx, FedYogi, QFedAvg, Strategy)
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant  # flwr's RDP accountant (dp-accounting)
 
@@ -152,6 +152,8 @@ class PluralMixin:
         config["lr"] = c.lr * factor
         if isinstance(self, FedOpt):  # an adaptive server step is normalised, so it does not shrink with the
             self.eta = c.server_lr * factor  # clients' lr: the schedule scales it too
+        if isinstance(self, QFedAvg):  # q-FFL's Lipschitz estimate is 1 / the round's client lr
+            self.client_learning_rate = config["lr"]
         messages = super().configure_train(server_round, arrays, config, grid)
         return self._per_group(messages, run_round, grid, self.cfg.fraction_train)
 
@@ -293,9 +295,16 @@ class PluralScaffold(PluralMixin, FedAvg):
         return super().aggregate_train(server_round, replies)
 
 
+class PluralQFedAvg(PluralMixin, QFedAvg):
+    """q-FedAvg (q-FFL, Li et al. 2020), Flower's: each group's update is weighted by its training loss to
+    the power qfedavg-q, so the groups the model serves worst pull hardest (q = 0: the uniform mean; it
+    ignores `weighting`). The loss is the mean over the client's local steps, the first taken at the global
+    weights; L = 1 / the round's client lr, as for clients taking SGD steps."""
+
+
 STRATEGIES = {"fedavg": PluralFedAvg, "fedprox": PluralFedProx, "fedmedian": PluralFedMedian,
               "fedavgm": PluralFedAvgM, "fedadam": PluralFedAdam, "fedyogi": PluralFedYogi,
-              "fedadagrad": PluralFedAdagrad, "scaffold": PluralScaffold}
+              "fedadagrad": PluralFedAdagrad, "scaffold": PluralScaffold, "qfedavg": PluralQFedAvg}
 
 
 def build_strategy(cfg: RunConfig) -> PluralMixin:
@@ -309,6 +318,8 @@ def build_strategy(cfg: RunConfig) -> PluralMixin:
         kwargs.update(server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
     elif cfg.strategy in ADAPTIVE_STRATEGIES:
         kwargs.update(eta=cfg.server_lr, eta_l=cfg.lr, tau=cfg.server_tau)
+    elif cfg.strategy == "qfedavg":
+        kwargs.update(client_learning_rate=cfg.lr, q=cfg.qfedavg_q, train_loss_key="train-loss")
     return STRATEGIES[cfg.strategy](**kwargs)
 
 

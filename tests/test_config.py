@@ -32,6 +32,7 @@ def test_from_mapping_round_trip_and_int_for_float():
     ({"d-model": 130}, "divisible"),
     ({"server-momentum": 1.0}, "0 <= server-momentum < 1"),
     ({"server-tau": 0.0}, "'server-tau' must be positive"),
+    ({"qfedavg-q": -1.0}, "'qfedavg-q' must be >= 0"),
     ({"strategy": "fedadam"}, "server-lr=1.0 with strategy 'fedadam'"),
     ({"strategy": "fedavgm", "resume": True, "out-dir": "/tmp/x"}, "cannot continue strategy 'fedavgm'"),
 ])

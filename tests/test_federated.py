@@ -113,6 +113,25 @@ def test_adaptive_server_step_is_normalised(tiny_config, tmp_path, strategy):
     assert 0 < moves[0] <= 0.011 and moves[0] == pytest.approx(moves[1], rel=0.02)
 
 
+@pytest.mark.parametrize("q", [0.0, 1.0])
+def test_qfedavg_weights_groups_by_their_loss_to_the_power_q(tiny_config, tmp_path, q):
+    """q-FFL's step w - Σ F^q·L(w - w_k) / Σ (q·F^(q-1)·‖L(w - w_k)‖² + L·F^q), from the paper, against
+    Flower's; q = 0 is the uniform mean whatever the groups' sizes. Here train-loss = the value sent."""
+    lr = 0.5
+    s = strategy_for(tiny_config(strategy="qfedavg", lr=lr, **{"qfedavg-q": q}), tmp_path)
+    s.current_arrays = ArrayRecord([np.zeros(2, np.float32)])  # as configure_train sets it
+    arrays, _ = s.aggregate_train(1, [train_reply(1, 1.0, 1), train_reply(2, 3.0, 3)])
+    L, deltas, hs = 1 / lr, [], []
+    for value in (1.0, 3.0):  # loss F_k = value, local weights = value, global = 0
+        grad = L * (0.0 - np.full(2, value))
+        deltas.append(value ** q * grad)
+        hs.append(q * value ** (q - 1) * float(grad @ grad) + L * value ** q)
+    expected = 0.0 - sum(deltas) / sum(hs)
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], expected, rtol=1e-6)
+    if q == 0:
+        np.testing.assert_allclose(expected, [2.0, 2.0])
+
+
 def test_server_tau_sets_the_smallest_update_an_adaptive_server_step_normalises(tiny_config, tmp_path):
     """An update far below tau barely moves the weights; with server-tau below it, it moves them by about server-lr
     (one SGD step's update is this small: the gradient itself)."""
