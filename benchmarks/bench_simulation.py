@@ -31,7 +31,6 @@ from pluralllm_flwr.results import load_results  # noqa: E402
 from pluralllm_flwr.simulation import simulate  # noqa: E402
 from tests.conftest import synthetic_goqa  # noqa: E402
 from benchmarks.fedavg_in_process import mean_update  # noqa: E402
-from pluralllm_flwr.training import lr_factor  # noqa: E402
 
 
 class PeakMemory:
@@ -63,8 +62,7 @@ def in_process_rounds(cfg: RunConfig, rounds: int) -> tuple[list[float], list[fl
     times, two_workers = [], []
     for server_round in range(1, rounds + 1):
         start, clients = time.perf_counter(), []
-        lr = cfg.lr * lr_factor(server_round - 1, cfg.num_server_rounds, cfg.lr_schedule, cfg.warmup_steps)
-        update, _ = mean_update(exp, state, server_round, lr, client_seconds=clients)  # FedAvg: add the mean update
+        update, _ = mean_update(exp, state, server_round, client_seconds=clients)  # FedAvg: add the mean update
         state = {k: state[k] + update[k] for k in state}
         times.append(time.perf_counter() - start)
         free = [0.0, 0.0]  # when each worker is next free

@@ -36,13 +36,14 @@ from pluralllm_flwr.training import ClientOptimizer, lr_factor, train_steps  # n
 IN_PROCESS = ("fedavg", "fedprox", "fedavgm", "fedadam")
 
 
-def mean_update(exp: Experiment, global_state: dict, server_round: int, lr: float, *, pooled: bool = False,
+def mean_update(exp: Experiment, global_state: dict, server_round: int, *, pooled: bool = False,
                 client_seconds: list[float] | None = None) -> tuple[dict, list[float]]:
-    """Every training group's local training from the global weights, as its ClientApp does it: the
-    weighted mean of their updates and their step losses; each group's training seconds go to
-    `client_seconds`. `pooled`: one client holding every group instead (the episodes are the same in kind,
-    drawn from one stream)."""
+    """Every training group's local training from the global weights, as its ClientApp does it (at the
+    round's lr of the schedule): the weighted mean of their updates and their step losses; each group's
+    training seconds go to `client_seconds`. `pooled`: one client holding every group instead (the
+    episodes are the same in kind, drawn from one stream)."""
     cfg = exp.cfg
+    lr = cfg.lr * lr_factor(server_round - 1, cfg.num_server_rounds, cfg.lr_schedule, cfg.warmup_steps)
     model = exp.build_model()
     groups = exp.split.train
     sizes = np.array([exp.vectors(g, "train").num_questions for g in groups], np.float64)
@@ -116,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print("| round | seconds | train loss | alignment | conditioning gain | 5 context | 50 context |\n|---|---|---|---|---|---|---|")
     for server_round in range(1, args.rounds + 1):
-        lr = cfg.lr * lr_factor(server_round - 1, cfg.num_server_rounds, cfg.lr_schedule, cfg.warmup_steps)
-        update, losses = mean_update(exp, state, server_round, lr, pooled=args.pooled)
+        update, losses = mean_update(exp, state, server_round, pooled=args.pooled)
         state = server.step(state, update, server_round)
         if server_round % args.eval_every == 0 or server_round == args.rounds:
             model = exp.build_model()
