@@ -51,6 +51,7 @@ class Bundle:
     unseen: frozenset[int] = frozenset()  # run indices of its questions no training group trains on
     split_seed: int = 0      # the seed the unseen questions were drawn with
     heldout_questions: float = 0.0
+    skew: float = 0.0        # run-config skew its answers were written with (skew.py)
 
     @property
     def dim(self) -> int:
@@ -78,6 +79,7 @@ def write_bundle(exp: "Experiment", group: str, path: str | Path) -> Path:
     meta = {"format": FORMAT, "group": group, "dataset": exp.data.dataset, "embedder": exp.cfg.embedder,
             "embedding_dim": exp.table.dim, "prompt_format": exp.table.prompt_format, "sha256": _digest(tensors),
             "features": exp.cfg.features, "heldout_questions": exp.cfg.heldout_questions, "seed": exp.cfg.seed,
+            "skew": exp.cfg.skew,
             "questions": [{"key": q.key, "text": q.text, "options": list(q.options),
                            "ordinal": None if q.ordinal is None else list(q.ordinal), "index": i,
                            "unseen": i in exp.unseen_questions}
@@ -130,7 +132,8 @@ def read_bundle(path: str | Path) -> Bundle:
         bundle = Bundle(path, group, str(meta["dataset"]), str(meta["embedder"]), str(meta["prompt_format"]),
                         questions, indices, GroupVectors(group, [q.key for q in questions], x, y, offsets),
                         str(meta["features"]), frozenset(int(q["index"]) for q in meta["questions"] if q["unseen"]),
-                        int(meta["seed"]), float(meta["heldout_questions"]))
+                        int(meta["seed"]), float(meta["heldout_questions"]),
+                        float(meta.get("skew", 0.0)))  # bundles written before skew existed hold skew 0
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"bundle {path} lacks or garbles a field ({type(exc).__name__}: {exc}); {_REBUILD}") from None
     if _digest(tensors) != digest:

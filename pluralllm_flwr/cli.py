@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from . import data as D
-from .config import DATASETS, DEMO_FEDERATION, DEMO_ROUNDS, ConfigError, RunConfig, parse_overrides
+from .config import DATASETS, DEMO_FEDERATION, DEMO_ROUNDS, FEDAVG_FEDERATION, ConfigError, RunConfig, parse_overrides
 
 
 def _dataset_args(parser: argparse.ArgumentParser, with_json: bool = True) -> None:
@@ -227,10 +227,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         datasets = dict(_dataset_spec(s) for s in args.dataset or [])
         if not datasets:
             raise ConfigError("name the datasets: --dataset opinionqa=PATH/human_resp and/or --dataset globalopinionqa[=CSV]")
-        # The paper's predictor on its raw embeddings, unless -c names another model or features.
-        paper = RunConfig.from_mapping({**PAPER_PREDICTOR, **parse_overrides(args.run_config)})
+        # The paper's predictor on its raw embeddings, and the default predictor in FedAvg's federation
+        # (the stress test); -c applies to both.
+        overrides = parse_overrides(args.run_config)
+        paper = RunConfig.from_mapping({**PAPER_PREDICTOR, **overrides})
+        plural = RunConfig.from_mapping({**FEDAVG_FEDERATION, **overrides})
         manifest = reproduce(datasets, scale, paper, out, echo=lambda line: print(line, flush=True),
-                             command=command)
+                             command=command, plural=plural)
     report = args.report or (out / "results.md" if scale.name == "smoke" else "docs/results.md")
     print(f"report: {write_reproduction_report(manifest, report, command)}")
     return 0

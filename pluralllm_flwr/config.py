@@ -66,6 +66,7 @@ class RunConfig:
     heldback_fraction: float = 0.2    # share of each training group's questions kept back for its own evaluation
     max_questions: int = 0            # 0 = all; else a seeded random subset of this many questions (quick runs)
     heldout_questions: float = 0.0    # seeded share of questions no training group trains on (scored apart)
+    skew: float = 0.0                 # non-IID stress: 0..1 pull of every group's answers toward its own preference (skew.py)
     eval_bundles: str = ""            # deployment server: comma-separated absolute paths of the held-out groups' bundles
     # embeddings
     embedder: str = "minilm"
@@ -134,6 +135,8 @@ class RunConfig:
         if self.prototypes < 1 or self.inference_steps < 0 or self.warmup_steps < 0:
             raise ConfigError(f"run-config needs prototypes >= 1, inference-steps >= 0 and warmup-steps >= 0, got "
                               f"{self.prototypes}, {self.inference_steps}, {self.warmup_steps}")
+        if not 0 <= self.skew <= 1:
+            raise ConfigError(f"run-config 'skew' must be in [0, 1] (0 = the survey as it is), got {self.skew}")
         if not 0 <= self.heldout_questions < 1:
             raise ConfigError(f"run-config 'heldout-questions' must be in [0, 1), got {self.heldout_questions}")
         if self.embed_depth < 2:

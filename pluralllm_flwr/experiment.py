@@ -24,6 +24,7 @@ from .metrics import OrdinalW1, QuestionMetric, js_metric, train_mean_baseline
 from .model import ModelConfig, Predictor
 from .predictors import build_predictor
 from .results import BASELINE_NAMES
+from .skew import apply_skew
 from .training import EpisodeSizes, draw_contexts
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def prepare_experiment(cfg: RunConfig, progress: bool = True) -> Experiment:
         bundles = [read_bundle(p) for p in cfg.bundle_paths]
         return bundle_experiment(cfg, bundles, _deployment_split(cfg, bundles))
     data, split = D.prepare(cfg)
+    data = apply_skew(data, cfg.skew, cfg.seed)
     table, info = embed_questions(data.questions, cfg.embedder, cache_dir=cfg.cache_path,
                                   device=resolve_device(cfg.device), progress=progress)
     log.info("embeddings: %s", info)
@@ -194,8 +196,8 @@ def bundle_experiment(cfg: RunConfig, bundles: list[Bundle], split: D.GroupSplit
                               f"says dataset={cfg.dataset!r} embedder={cfg.embedder!r}; rebuild the bundle with the "
                               "run's run-config (`pluralllm bundle -c ...`) or run with the bundle's settings")
         settings = {"features": (b.features, cfg.features),
-                    "heldout-questions": (b.heldout_questions, cfg.heldout_questions)}
-        if b.heldout_questions:
+                    "heldout-questions": (b.heldout_questions, cfg.heldout_questions), "skew": (b.skew, cfg.skew)}
+        if b.heldout_questions or b.skew:
             settings["seed"] = (b.split_seed, cfg.seed)
         wrong = {k: v for k, v in settings.items() if v[0] != v[1]}
         if wrong:

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import data as D
 from .centralized import train_centralized
 from .config import ConfigError, RunConfig
-from .experiment import prepare_experiment, resolve_device
+from .experiment import fmt_gain, prepare_experiment, resolve_device
 from .results import LAST_CHECKPOINT, RESULTS_FILE, claim_run_dir, holds_run, load_checkpoint, load_results
 from .simulation import simulate_batch
 
@@ -40,18 +40,22 @@ class Scale:
     embedders: tuple[str, ...] = ("minilm", "smollm2")
     embedder_questions: int = 0                         # the embedder ablation on a subset (0 = all questions)
     ablations_on_every_dataset: bool = False            # else on the first dataset only
+    # the non-IID stress test (default predictor, FedAvg's federation, first seed, first dataset): skew strengths
+    skews: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    stress_rounds: int = 50
 
     def describe(self) -> str:
         return (f"scale '{self.name}': {self.rounds} federated rounds (evaluated every {self.eval_every}), seeds "
                 f"{list(self.seeds)}, FedProx mu in {list(self.mus)}, local steps {list(self.local_steps)}, "
                 f"evaluation context {list(self.eval_contexts)}, embedders {list(self.embedders)}"
-                + (f" on {self.embedder_questions} questions" if self.embedder_questions else ""))
+                + (f" on {self.embedder_questions} questions" if self.embedder_questions else "")
+                + f"; stress test: skew {list(self.skews)}, {self.stress_rounds} rounds")
 
 
 SCALES = {
     # minutes: checks the whole pipeline on real data (the default 6-layer model, 3 rounds)
     "smoke": Scale("smoke", rounds=3, eval_every=1, seeds=(0, 1), mus=(0.1, 1.0), local_steps=(3, 6),
-                   eval_contexts=(5, 20), embedders=("minilm",)),
+                   eval_contexts=(5, 20), embedders=("minilm",), skews=(0.0, 1.0), stress_rounds=2),
     # under an hour on a 2-core CPU for OpinionQA: 40 rounds where the paper ran ~1,000
     "default": Scale("default", rounds=40, eval_every=10, embedder_questions=300),
     # the paper's scale (1,000 rounds, every question, ablations on every dataset): GPU territory
@@ -72,19 +76,24 @@ class Plan:
     weighting_sizes: dict[str, int] = field(default_factory=dict)   # training group -> training questions
     embedders: dict[str, dict] = field(default_factory=dict)        # embedder -> {"run", "dim", "questions"}
     eval_context: dict[str, dict[str, float]] = field(default_factory=dict)  # run dir -> {context: alignment}
+    stress: dict[str, dict[str, str]] = field(default_factory=dict)  # skew -> method label -> run dir
 
 
 # The paper's predictor and optimiser (GPO on its raw embeddings, Adam 3e-4, no schedule): what the
 # reproduction runs unless its run-config overrides name something else.
 PAPER_PREDICTOR = {"model": "gpo", "features": "raw", "lr": 0.0003, "lr-schedule": "constant", "warmup-steps": 0}
+# The stress test's FedProx: the middle of the main sweep's mu range (no sweep per strength).
+STRESS_MU = 0.1
 
 
 def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str | Path, echo=print,
-              command: str = "") -> dict:
+              command: str = "", plural: RunConfig | None = None) -> dict:
     """Run every missing run of the reproduction and return the manifest (also written to out).
 
-    `datasets` maps a dataset name to its path ("" = the hub for GlobalOpinionQA). A dataset that
-    cannot be loaded is reported as skipped, with the reason, before any training starts."""
+    `base` is the paper's predictor (PAPER_PREDICTOR), `plural` the default predictor in FedAvg's
+    federation (the stress test; none without it). `datasets` maps a dataset name to its path ("" = the
+    hub for GlobalOpinionQA). A dataset that cannot be loaded is reported as skipped, with the reason,
+    before any training starts."""
     out = Path(out).resolve()
     started = time.perf_counter()
     usable, skipped = {}, {}
@@ -105,8 +114,11 @@ def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str 
                 "simulations": before.get("simulations", []), "scale": asdict(scale),
                 "base_config": base.to_mapping(), "skipped": skipped, "datasets": {}}
     for i, (name, cfg) in enumerate(usable.items()):
-        plan = _reproduce_dataset(cfg, scale, out / name, echo, ablations=i == 0 or scale.ablations_on_every_dataset,
-                                  simulations=manifest["simulations"])
+        ablations = i == 0 or scale.ablations_on_every_dataset
+        plan = _reproduce_dataset(cfg, scale, out / name, echo, ablations=ablations, simulations=manifest["simulations"])
+        if plural is not None and ablations:
+            plan.stress = _stress_test(plural.replace(dataset=cfg.dataset, data_path=cfg.data_path), scale,
+                                       out / name, echo, manifest["simulations"])
         manifest["datasets"][name] = asdict(plan)
         manifest["invocations"][-1]["seconds"] = round(time.perf_counter() - started, 1)
         _write_manifest(out, manifest)
@@ -177,6 +189,24 @@ def _reproduce_dataset(cfg: RunConfig, scale: Scale, out: Path, echo, ablations:
         echo("reproduce: evaluation-context ablation on the final models of the main runs")
         plan.eval_context = _eval_context_ablation([p for paths in runs.values() for p in paths], scale.eval_contexts)
     return plan
+
+
+def _stress_test(cfg: RunConfig, scale: Scale, out: Path, echo, simulations: list) -> dict[str, dict[str, str]]:
+    """The paper's experiment 3: FedAvg, FedProx and centralized training (at equal work) of the
+    default predictor on the data skewed at each strength of `scale.skews` (skew.py), first seed."""
+    cfg = cfg.replace(num_server_rounds=scale.stress_rounds, eval_every=scale.stress_rounds, seed=scale.seeds[0])
+    echo(f"reproduce: non-IID stress test, skew {list(scale.skews)}, model {cfg.model!r}")
+    run = _Runner(out, echo, nodes=len(prepare_experiment(cfg).split.train), simulations=simulations)
+    runs = {}
+    for skew in scale.skews:
+        at = cfg.replace(skew=skew)
+        runs[f"{skew:g}"] = {"FedAvg": run.federated(f"stress/skew-{skew:g}/fedavg", at.replace(strategy="fedavg")),
+                             "FedProx": run.federated(f"stress/skew-{skew:g}/fedprox-mu{STRESS_MU:g}",
+                                                      at.replace(strategy="fedprox", proximal_mu=STRESS_MU))}
+    run.flush()
+    for skew in scale.skews:
+        runs[f"{skew:g}"]["Centralized"] = run.centralized(f"stress/skew-{skew:g}/centralized", cfg.replace(skew=skew))
+    return runs
 
 
 def _choose_mu(sweep: list[dict]) -> float:
@@ -300,9 +330,8 @@ def run_or_reuse(path: Path, cfg: RunConfig, last_round: int, go, echo, label: s
 
 def _report(path: Path, label: str, seconds: float, echo) -> None:
     final = load_results(path)["final"]
-    gain = final.get("conditioning_gain")
-    echo(f"{label}: held-out alignment {final['alignment']:.4f}, conditioning gain "
-         f"{'n/a' if gain is None else format(gain, '+.4f')} at round {final['round']} ({seconds:.0f} s)")
+    echo(f"{label}: held-out alignment {final['alignment']:.4f}, conditioning gain {fmt_gain(final)} at round "
+         f"{final['round']} ({seconds:.0f} s)")
 
 
 # Settings that may differ without changing a run's numbers.

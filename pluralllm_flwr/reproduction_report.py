@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # files only: reports are written on headless machines to
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .experiment import fmt_gain  # noqa: E402
 from .metrics import rounds_to_target  # noqa: E402
 from .report import available_baselines, curve_plot, fmt, group_plot  # noqa: E402
 from .results import best_entry, load_results  # noqa: E402
@@ -25,6 +26,7 @@ PAPER = {"fed_rounds": 634, "central_rounds": 1180, "alignment_gain": 0.04}
 TARGETS = (0.95, 0.99)
 CENTRAL = "Centralized"
 FAIRNESS_TOLERANCE = 0.01  # "nearly the same fairness": Jain's index within this of centralized
+BREAKDOWN_SHARE = 0.9  # stress test: FedAvg breaks down where it reaches less of centralized's gain over uniform
 
 
 def write_reproduction_report(manifest: dict, report: str | Path, command: str) -> Path:
@@ -163,6 +165,7 @@ def _dataset_section(name: str, plan: dict, scale: dict, figures: Path, root: Pa
         out.append(f"| {s['mu']:g}{chosen} | {fmt(s['heldback'])} | {fmt(s['heldout'])} |")
     out.append("")
     out += _ablations(name, plan, scale["seeds"][0], figures, rel)
+    out += _stress(name, plan.get("stress") or {}, figures, rel)
     return _claims(name, runs["FedAvg"], central, rounds, reach, best_central), out
 
 
@@ -253,6 +256,69 @@ def _ablations(name: str, plan: dict, seed: int, figures: Path, rel) -> list[str
     fig = curve_plot({k: [r] for k, r in emb_runs.items()}, "round", "round")
     out += ["", f"![embedders]({rel(_save(fig, figures / f'{name}-embedders.png'))})", ""]
     return out
+
+
+def _stress(name: str, stress: dict[str, dict[str, str]], figures: Path, rel) -> list[str]:
+    """The non-IID stress test: each method's final held-out alignment and conditioning gain against
+    the skew strength, and the strength at which FedAvg breaks down relative to centralized training."""
+    if not stress:
+        return []
+    runs = {float(skew): {label: load_results(path) for label, path in by_method.items()} for skew, by_method in stress.items()}
+    skews = sorted(runs)
+    methods = list(runs[skews[0]])
+    first = runs[skews[0]]["FedAvg"]
+    baselines = {skew: {b: v["alignment"] for b, v in available_baselines(rs["FedAvg"]["baselines"]).items()}
+                 for skew, rs in runs.items()}
+    share = {skew: _share_of_gain(rs["FedAvg"], rs[CENTRAL], baselines[skew]["uniform"]) for skew, rs in runs.items()}
+    broken = next((skew for skew in skews if share[skew] is not None and share[skew] < BREAKDOWN_SHARE), None)
+    cfg = first["config"]
+    out = ["### Non-IID stress test (the paper's experiment 3)", "",
+           f"The default predictor (`{cfg['model']}`, features `{cfg['features']}`) in FedAvg's federation "
+           f"({cfg['local-steps']} local steps of {cfg['episodes-per-step']} episodes, {first['final']['round']} rounds, "
+           f"seed {cfg['seed']}), on data whose every group, trained or held out, is pulled toward a seeded preference "
+           "of its own over option positions with strength *skew* (run-config `skew`; `pluralllm_flwr/skew.py` "
+           "defines the transform). Centralized training does the same work (compute-matched); FedProx's "
+           f"mu is {runs[skews[0]]['FedProx']['config']['proximal-mu']:g}. Final held-out alignment; the conditioning gain in brackets.",
+           "", "| skew | " + " | ".join(methods) + " | " + " | ".join(baselines[skews[0]]) + " | FedAvg's share of "
+           "centralized's gain over uniform |", "|---" * (2 + len(methods) + len(baselines[skews[0]])) + "|"]
+    for skew in skews:
+        cells = [f"{fmt(r['final']['alignment'])} ({fmt_gain(r['final'])})" for r in runs[skew].values()]
+        out.append(f"| {skew:g} | " + " | ".join(cells) + " | " + " | ".join(fmt(v) for v in baselines[skew].values())
+                   + " | " + ("– (centralized does not beat uniform)" if share[skew] is None else f"{share[skew]:.0%}")
+                   + " |")
+    if broken is not None:
+        verdict = (f"**FedAvg breaks down at skew {broken:g}**: the first strength at which it gains less than "
+                   f"{BREAKDOWN_SHARE:.0%} of what centralized training gains over the uniform prediction.")
+    elif all(v is None for v in share.values()):
+        verdict = "**No verdict**: centralized training does not beat the uniform prediction at any strength."
+    else:
+        verdict = (f"**No breakdown within the range**: wherever centralized training beats the uniform prediction, "
+                   f"FedAvg gains at least {BREAKDOWN_SHARE:.0%} of what it gains.")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label in methods:
+        axes[0].plot(skews, [runs[s][label]["final"]["alignment"] for s in skews], marker="o", label=label)
+        axes[1].plot(skews, [_or_nan(runs[s][label]["final"].get("conditioning_gain")) for s in skews], marker="o",
+                     label=label)
+    for base, style in zip(baselines[skews[0]], (":", "--", "-.", (0, (5, 1, 1, 1)))):
+        axes[0].plot(skews, [baselines[s][base] for s in skews], ls=style, color="grey", alpha=0.8, label=base)
+    for ax, ylabel in zip(axes, ("held-out alignment (final)", "conditioning gain (final)")):
+        ax.set_xlabel("skew (0: the survey as it is; 1: only each group's own preference)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{name}: non-IID stress test")
+    return out + ["", verdict, "", f"![stress test]({rel(_save(fig, figures / f'{name}-stress.png'))})", ""]
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _share_of_gain(fed: dict, central: dict, uniform: float) -> float | None:
+    """How much of centralized training's gain over the uniform prediction FedAvg reaches (None where
+    centralized training gains nothing, so there is nothing to share)."""
+    gained = central["final"]["alignment"] - uniform
+    return (fed["final"]["alignment"] - uniform) / gained if gained > 0 else None
 
 
 def _contexts(plan: dict) -> list[str]:

@@ -8,6 +8,7 @@ import pytest
 
 from pluralllm_flwr.cli import main
 from pluralllm_flwr.reproduce import _choose_mu, _complete, load_manifest, run_or_reuse
+from pluralllm_flwr.reproduction_report import _share_of_gain
 from pluralllm_flwr.results import load_results
 
 from .conftest import TINY_RUN, tiny_causal_lm
@@ -15,9 +16,9 @@ from .conftest import TINY_RUN, tiny_causal_lm
 SECTIONS = ["## The paper's claims against ours", "### Alignment and fairness", "### Reaching the centralized score",
             "### Per held-out group", "### FedProx: the mu sweep", "#### Local steps at equal work",
             "#### Size-weighted against uniform aggregation", "#### Evaluation context size", "#### Embedder",
-            "## Not run"]
+            "### Non-IID stress test", "## Not run"]
 FIGURES = ["alignment-vs-round", "alignment-vs-gradient_steps", "alignment-vs-episodes", "alignment-vs-train_seconds",
-           "per-group", "local-steps", "eval-context", "embedders"]
+           "per-group", "local-steps", "eval-context", "embedders", "stress"]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,18 @@ def test_smoke_reproduction_writes_every_figure_and_table_and_reuses_its_runs(ti
     assert {info["dim"] for info in plan["embedders"].values()} == {384, 32}
     assert all(set(scores) == {"5", "20"} for scores in plan["eval_context"].values())
     assert len(plan["eval_context"]) == 6
+    # the stress test: the default predictor at each skew, FedAvg, FedProx and centralized at equal work
+    assert sorted(plan["stress"]) == ["0", "1"] and all(len(m) == 3 for m in plan["stress"].values())
+    stressed = {skew: {m: load_results(p) for m, p in by_method.items()} for skew, by_method in plan["stress"].items()}
+    assert {r["config"]["skew"] for r in stressed["1"].values()} == {1.0}
+    assert {r["config"]["model"] for rs in stressed.values() for r in rs.values()} == {"mixture"}
+    assert stressed["1"]["FedAvg"]["final"]["episodes"] == stressed["1"]["Centralized"]["final"]["episodes"]
+    assert stressed["1"]["FedProx"]["config"]["proximal-mu"] > 0
+    # groups pulled toward their own preferences differ more: the context mixture gains on train-mean
+    mixture_gain = {skew: rs["FedAvg"]["baselines"]["context_mixture"]["alignment"]
+                    - rs["FedAvg"]["baselines"]["train_mean"]["alignment"] for skew, rs in stressed.items()}
+    assert mixture_gain["1"] > mixture_gain["0"] + 0.01
+    assert re.search(r"FedAvg breaks down at skew \d|No breakdown within the range|No verdict", text)
 
     # A second call trains nothing: every run is complete with the same run-config.
     assert main(args) == 0
@@ -76,10 +89,16 @@ def test_smoke_reproduction_writes_every_figure_and_table_and_reuses_its_runs(ti
     assert "running" not in again and "queued" not in again
     assert again.count("complete, reused") == printed.count("running ...") + printed.count(": queued")
     simulations = load_manifest(runs)["simulations"]  # the federated runs: two Flower simulations, not one each
-    assert [s["runs"] for s in simulations] == [8, 1] and all(s["seconds"] > s["run_seconds"] > 0 for s in simulations)
+    assert [s["runs"] for s in simulations] == [8, 1, 4] and all(s["seconds"] > s["run_seconds"] > 0 for s in simulations)
     assert "Flower's start-up, teardown and set-up between runs" in text
     assert [i["command"][:19] for i in load_manifest(runs)["invocations"]] == ["pluralllm reproduce"] * 2
     assert main(["reproduce", "--report-only", "--out", str(runs), "--report", str(report)]) == 0
+
+
+def test_fedavgs_share_of_centralized_gain_is_undefined_where_centralized_gains_nothing():
+    run = lambda alignment: {"final": {"alignment": alignment}}  # noqa: E731
+    assert _share_of_gain(run(0.85), run(0.90), uniform=0.80) == pytest.approx(0.5)
+    assert _share_of_gain(run(0.85), run(0.79), uniform=0.80) is None
 
 
 def test_mu_is_chosen_on_held_back_questions_not_held_out_groups():
