@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -43,19 +44,24 @@ class Scale:
     # the non-IID stress test (default predictor, FedAvg's federation, first seed, first dataset): skew strengths
     skews: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     stress_rounds: int = 50
+    # aggregation strategies (open question 3; default predictor, every group of the first dataset, 'auto' split)
+    strategy_rounds: int = 50
+    strategy_seeds: int = 2                             # the first this many of `seeds`
 
     def describe(self) -> str:
         return (f"scale '{self.name}': {self.rounds} federated rounds (evaluated every {self.eval_every}), seeds "
                 f"{list(self.seeds)}, FedProx mu in {list(self.mus)}, local steps {list(self.local_steps)}, "
                 f"evaluation context {list(self.eval_contexts)}, embedders {list(self.embedders)}"
                 + (f" on {self.embedder_questions} questions" if self.embedder_questions else "")
-                + f"; stress test: skew {list(self.skews)}, {self.stress_rounds} rounds")
+                + f"; stress test: skew {list(self.skews)}, {self.stress_rounds} rounds; strategies: "
+                f"{self.strategy_rounds} rounds, {self.strategy_seeds} seeds")
 
 
 SCALES = {
     # minutes: checks the whole pipeline on real data (the default 6-layer model, 3 rounds)
     "smoke": Scale("smoke", rounds=3, eval_every=1, seeds=(0, 1), mus=(0.1, 1.0), local_steps=(3, 6),
-                   eval_contexts=(5, 20), embedders=("minilm",), skews=(0.0, 1.0), stress_rounds=2),
+                   eval_contexts=(5, 20), embedders=("minilm",), skews=(0.0, 1.0), stress_rounds=2,
+                   strategy_rounds=2),
     # under an hour on a 2-core CPU for OpinionQA: 40 rounds where the paper ran ~1,000
     "default": Scale("default", rounds=40, eval_every=10, embedder_questions=300),
     # the paper's scale (1,000 rounds, every question, ablations on every dataset): GPU territory
@@ -77,13 +83,26 @@ class Plan:
     embedders: dict[str, dict] = field(default_factory=dict)        # embedder -> {"run", "dim", "questions"}
     eval_context: dict[str, dict[str, float]] = field(default_factory=dict)  # run dir -> {context: alignment}
     stress: dict[str, dict[str, str]] = field(default_factory=dict)  # skew -> method label -> run dir
+    strategies: dict[str, list[str]] = field(default_factory=dict)   # strategy label -> run dirs (one per seed)
 
 
 # The paper's predictor and optimiser (GPO on its raw embeddings, Adam 3e-4, no schedule): what the
 # reproduction runs unless its run-config overrides name something else.
 PAPER_PREDICTOR = {"model": "gpo", "features": "raw", "lr": 0.0003, "lr-schedule": "constant", "warmup-steps": 0}
-# The stress test's FedProx: the middle of the main sweep's mu range (no sweep per strength).
+# The stress test's and the strategy comparison's FedProx: the middle of the main sweep's mu range.
 STRESS_MU = 0.1
+# Open question 3: the aggregation rules compared, as run-config changes to FedAvg's federation. The
+# adaptive ones share one normalised server step, FedAdam's best of 0.003, 0.01, 0.03 and 0.1 in a
+# 30-round probe (README); q-FedAvg assumes SGD clients, whose lr is its 1/L (strategies.py).
+STRATEGY_COMPARISON = {
+    "FedAvg (size-weighted)": {"strategy": "fedavg", "weighting": "num-examples"},
+    "FedAvg (uniform)": {"strategy": "fedavg", "weighting": "uniform"},
+    f"FedProx (mu={STRESS_MU:g})": {"strategy": "fedprox", "proximal_mu": STRESS_MU},
+    "FedAdam": {"strategy": "fedadam", "server_lr": 0.03},
+    "FedYogi": {"strategy": "fedyogi", "server_lr": 0.03},
+    "FedAdagrad": {"strategy": "fedadagrad", "server_lr": 0.03},
+    "q-FedAvg (q=1)": {"strategy": "qfedavg", "qfedavg_q": 1.0, "client_optimizer": "sgd", "lr": 1.0},
+}
 
 
 def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str | Path, echo=print,
@@ -117,8 +136,9 @@ def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str 
         ablations = i == 0 or scale.ablations_on_every_dataset
         plan = _reproduce_dataset(cfg, scale, out / name, echo, ablations=ablations, simulations=manifest["simulations"])
         if plural is not None and ablations:
-            plan.stress = _stress_test(plural.replace(dataset=cfg.dataset, data_path=cfg.data_path), scale,
-                                       out / name, echo, manifest["simulations"])
+            plural_here = plural.replace(dataset=cfg.dataset, data_path=cfg.data_path)
+            plan.stress = _stress_test(plural_here, scale, out / name, echo, manifest["simulations"])
+            plan.strategies = _strategies(plural_here, scale, out / name, echo, manifest["simulations"])
         manifest["datasets"][name] = asdict(plan)
         manifest["invocations"][-1]["seconds"] = round(time.perf_counter() - started, 1)
         _write_manifest(out, manifest)
@@ -206,6 +226,24 @@ def _stress_test(cfg: RunConfig, scale: Scale, out: Path, echo, simulations: lis
     run.flush()
     for skew in scale.skews:
         runs[f"{skew:g}"]["Centralized"] = run.centralized(f"stress/skew-{skew:g}/centralized", cfg.replace(skew=skew))
+    return runs
+
+
+def _strategies(cfg: RunConfig, scale: Scale, out: Path, echo, simulations: list) -> dict[str, list[str]]:
+    """Open question 3: every rule of STRATEGY_COMPARISON, and centralized training at equal work, on
+    every group of the dataset as a client or held out ('auto' split, which each seed draws anew), each
+    group with all its own questions, so that group sizes differ."""
+    cfg = cfg.replace(train_groups="auto", eval_groups="auto", common_questions=False,
+                      num_server_rounds=scale.strategy_rounds, eval_every=scale.strategy_rounds)
+    seeds = scale.seeds[:scale.strategy_seeds]
+    echo(f"reproduce: aggregation strategies {list(STRATEGY_COMPARISON)}, seeds {list(seeds)}")
+    run = _Runner(out, echo, nodes=len(prepare_experiment(cfg.replace(seed=seeds[0])).split.train),
+                  simulations=simulations)
+    runs = {label: [run.federated(f"strategies/{re.sub(r'[^a-z0-9.]+', '-', label.lower()).strip('-')}",
+                                  cfg.replace(seed=s, **changes)) for s in seeds]
+            for label, changes in STRATEGY_COMPARISON.items()}
+    run.flush()
+    runs["Centralized"] = [run.centralized("strategies/centralized", cfg.replace(seed=s)) for s in seeds]
     return runs
 
 

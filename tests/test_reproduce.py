@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pluralllm_flwr.cli import main
-from pluralllm_flwr.reproduce import _choose_mu, _complete, load_manifest, run_or_reuse
+from pluralllm_flwr.reproduce import STRATEGY_COMPARISON, _choose_mu, _complete, load_manifest, run_or_reuse
 from pluralllm_flwr.reproduction_report import _share_of_gain
 from pluralllm_flwr.results import load_results
 
@@ -16,9 +16,9 @@ from .conftest import TINY_RUN, tiny_causal_lm
 SECTIONS = ["## The paper's claims against ours", "### Alignment and fairness", "### Reaching the centralized score",
             "### Per held-out group", "### FedProx: the mu sweep", "#### Local steps at equal work",
             "#### Size-weighted against uniform aggregation", "#### Evaluation context size", "#### Embedder",
-            "### Non-IID stress test", "## Not run"]
+            "### Non-IID stress test", "### Aggregation strategies and fairness", "## Not run"]
 FIGURES = ["alignment-vs-round", "alignment-vs-gradient_steps", "alignment-vs-episodes", "alignment-vs-train_seconds",
-           "per-group", "local-steps", "eval-context", "embedders", "stress"]
+           "per-group", "local-steps", "eval-context", "embedders", "stress", "strategies"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def tiny_embedder(tmp_path_factory) -> Path:
 
 
 def _overrides(tiny_paths) -> str:
-    values = {**TINY_RUN, "cache-dir": tiny_paths["cache-dir"]}
+    values = {**TINY_RUN, "cache-dir": tiny_paths["cache-dir"], "min-group-questions": 10}  # the tiny groups: 'auto'
     return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
 
 
@@ -65,6 +65,9 @@ def test_smoke_reproduction_writes_every_figure_and_table_and_reuses_its_runs(ti
     assert fedavg["final"]["round"] == 2 and central["final"]["round"] == 2 * TINY_RUN["local-steps"]
     assert fedavg["final"]["episodes"] == central["final"]["episodes"]  # compute-matched: the same work
     assert sorted(plan["local_steps"]) == ["3", "6"] and load_results(plan["local_steps"]["6"])["final"]["round"] == 1
+    # each local-steps run does the work of the compute-matched centralized run, so the report gives their gap
+    assert {load_results(p)["final"]["episodes"] for p in plan["local_steps"].values()} == {central["final"]["episodes"]}
+    assert "centralized minus federated (final, same work)" in text
     assert set(plan["weighting"]) == {"num-examples", "uniform"}
     assert plan["embedders"]["minilm"]["run"] == plan["main"]["FedAvg"][0]  # the same run: reused
     assert {info["dim"] for info in plan["embedders"].values()} == {384, 32}
@@ -82,6 +85,16 @@ def test_smoke_reproduction_writes_every_figure_and_table_and_reuses_its_runs(ti
                     - rs["FedAvg"]["baselines"]["train_mean"]["alignment"] for skew, rs in stressed.items()}
     assert mixture_gain["1"] > mixture_gain["0"] + 0.01
     assert re.search(r"FedAvg breaks down at skew \d|No breakdown within the range|No verdict", text)
+    # the strategies: every rule of STRATEGY_COMPARISON and centralized, 2 seeds, on every group ('auto' split)
+    assert list(plan["strategies"]) == [*STRATEGY_COMPARISON, "Centralized"]
+    assert all(len(paths) == 2 for paths in plan["strategies"].values())
+    ruled = {label: load_results(paths[1]) for label, paths in plan["strategies"].items()}
+    for label, changes in STRATEGY_COMPARISON.items():
+        config = ruled[label]["config"]
+        assert all(config[k.replace("_", "-")] == v for k, v in changes.items()), label
+        assert config["train-groups"] == "auto" and config["common-questions"] is False and config["seed"] == 1
+    assert len(ruled["FedAdam"]["train_groups"]) + len(ruled["FedAdam"]["eval_groups"]) == 5
+    assert re.search(r"A higher worst group than FedAvg's in every seed\*\*: |No federated strategy gives a higher", text)
 
     # A second call trains nothing: every run is complete with the same run-config.
     assert main(args) == 0
@@ -89,7 +102,7 @@ def test_smoke_reproduction_writes_every_figure_and_table_and_reuses_its_runs(ti
     assert "running" not in again and "queued" not in again
     assert again.count("complete, reused") == printed.count("running ...") + printed.count(": queued")
     simulations = load_manifest(runs)["simulations"]  # the federated runs: two Flower simulations, not one each
-    assert [s["runs"] for s in simulations] == [8, 1, 4] and all(s["seconds"] > s["run_seconds"] > 0 for s in simulations)
+    assert [s["runs"] for s in simulations] == [8, 1, 4, 14] and all(s["seconds"] > s["run_seconds"] > 0 for s in simulations)
     assert "Flower's start-up, teardown and set-up between runs" in text
     assert [i["command"][:19] for i in load_manifest(runs)["invocations"]] == ["pluralllm reproduce"] * 2
     assert main(["reproduce", "--report-only", "--out", str(runs), "--report", str(report)]) == 0
