@@ -41,11 +41,13 @@ class Scale:
     embedders: tuple[str, ...] = ("minilm", "smollm2")
     embedder_questions: int = 0                         # the embedder ablation on a subset (0 = all questions)
     ablations_on_every_dataset: bool = False            # else on the first dataset only
-    # the non-IID stress test (default predictor, FedAvg's federation, first seed, first dataset): skew strengths
+    # the default predictor in FedAvg's federation: its comparison (every seed, evaluated five times), then on
+    # the first dataset the non-IID stress test (first seed, final evaluation only) at these skew strengths
+    default_rounds: int = 50
     skews: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     stress_rounds: int = 50
     # aggregation strategies (open question 3; default predictor, every group of the first dataset, 'auto' split)
-    strategy_rounds: int = 50
+    strategy_rounds: int = 30
     strategy_seeds: int = 2                             # the first this many of `seeds`
 
     def describe(self) -> str:
@@ -53,15 +55,16 @@ class Scale:
                 f"{list(self.seeds)}, FedProx mu in {list(self.mus)}, local steps {list(self.local_steps)}, "
                 f"evaluation context {list(self.eval_contexts)}, embedders {list(self.embedders)}"
                 + (f" on {self.embedder_questions} questions" if self.embedder_questions else "")
-                + f"; stress test: skew {list(self.skews)}, {self.stress_rounds} rounds; strategies: "
+                + f"; the default predictor: {self.default_rounds} rounds; stress test: skew {list(self.skews)}, "
+                f"{self.stress_rounds} rounds; strategies: "
                 f"{self.strategy_rounds} rounds, {self.strategy_seeds} seeds")
 
 
 SCALES = {
     # minutes: checks the whole pipeline on real data (the default 6-layer model, 3 rounds)
     "smoke": Scale("smoke", rounds=3, eval_every=1, seeds=(0, 1), mus=(0.1, 1.0), local_steps=(3, 6),
-                   eval_contexts=(5, 20), embedders=("minilm",), skews=(0.0, 1.0), stress_rounds=2,
-                   strategy_rounds=2),
+                   eval_contexts=(5, 20), embedders=("minilm",), default_rounds=2, skews=(0.0, 1.0),
+                   stress_rounds=2, strategy_rounds=2),
     # under an hour on a 2-core CPU for OpinionQA: 40 rounds where the paper ran ~1,000
     "default": Scale("default", rounds=40, eval_every=10, embedder_questions=300),
     # the paper's scale (1,000 rounds, every question, ablations on every dataset): GPU territory
@@ -82,6 +85,7 @@ class Plan:
     weighting_sizes: dict[str, int] = field(default_factory=dict)   # training group -> training questions
     embedders: dict[str, dict] = field(default_factory=dict)        # embedder -> {"run", "dim", "questions"}
     eval_context: dict[str, dict[str, float]] = field(default_factory=dict)  # run dir -> {context: alignment}
+    default_main: dict[str, list[str]] = field(default_factory=dict)  # the default predictor's: method -> run dirs
     stress: dict[str, dict[str, str]] = field(default_factory=dict)  # skew -> method label -> run dir
     strategies: dict[str, list[str]] = field(default_factory=dict)   # strategy label -> run dirs (one per seed)
 
@@ -89,15 +93,16 @@ class Plan:
 # The paper's predictor and optimiser (GPO on its raw embeddings, Adam 3e-4, no schedule): what the
 # reproduction runs unless its run-config overrides name something else.
 PAPER_PREDICTOR = {"model": "gpo", "features": "raw", "lr": 0.0003, "lr-schedule": "constant", "warmup-steps": 0}
-# The stress test's and the strategy comparison's FedProx: the middle of the main sweep's mu range.
-STRESS_MU = 0.1
+# The default predictor's FedProx (its comparison, the stress test, the strategies): the middle of the
+# paper's predictor's mu sweep, not swept again.
+DEFAULT_PREDICTOR_MU = 0.1
 # Open question 3: the aggregation rules compared, as run-config changes to FedAvg's federation. The
 # adaptive ones share one normalised server step, FedAdam's best of 0.003, 0.01, 0.03 and 0.1 in a
 # 30-round probe (README); q-FedAvg assumes SGD clients, whose lr is its 1/L (strategies.py).
 STRATEGY_COMPARISON = {
     "FedAvg (size-weighted)": {"strategy": "fedavg", "weighting": "num-examples"},
     "FedAvg (uniform)": {"strategy": "fedavg", "weighting": "uniform"},
-    f"FedProx (mu={STRESS_MU:g})": {"strategy": "fedprox", "proximal_mu": STRESS_MU},
+    f"FedProx (mu={DEFAULT_PREDICTOR_MU:g})": {"strategy": "fedprox", "proximal_mu": DEFAULT_PREDICTOR_MU},
     "FedAdam": {"strategy": "fedadam", "server_lr": 0.03},
     "FedYogi": {"strategy": "fedyogi", "server_lr": 0.03},
     "FedAdagrad": {"strategy": "fedadagrad", "server_lr": 0.03},
@@ -110,7 +115,7 @@ def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str 
     """Run every missing run of the reproduction and return the manifest (also written to out).
 
     `base` is the paper's predictor (PAPER_PREDICTOR), `plural` the default predictor in FedAvg's
-    federation (the stress test; none without it). `datasets` maps a dataset name to its path ("" = the
+    federation (its comparison, the stress test and the strategies; none without it). `datasets` maps a dataset name to its path ("" = the
     hub for GlobalOpinionQA). A dataset that cannot be loaded is reported as skipped, with the reason,
     before any training starts."""
     out = Path(out).resolve()
@@ -135,10 +140,12 @@ def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str 
     for i, (name, cfg) in enumerate(usable.items()):
         ablations = i == 0 or scale.ablations_on_every_dataset
         plan = _reproduce_dataset(cfg, scale, out / name, echo, ablations=ablations, simulations=manifest["simulations"])
-        if plural is not None and ablations:
+        if plural is not None:
             plural_here = plural.replace(dataset=cfg.dataset, data_path=cfg.data_path)
-            plan.stress = _stress_test(plural_here, scale, out / name, echo, manifest["simulations"])
-            plan.strategies = _strategies(plural_here, scale, out / name, echo, manifest["simulations"])
+            plan.default_main = _default_comparison(plural_here, scale, out / name, echo, manifest["simulations"])
+            if ablations:
+                plan.stress = _stress_test(plural_here, scale, out / name, echo, manifest["simulations"])
+                plan.strategies = _strategies(plural_here, scale, out / name, echo, manifest["simulations"])
         manifest["datasets"][name] = asdict(plan)
         manifest["invocations"][-1]["seconds"] = round(time.perf_counter() - started, 1)
         _write_manifest(out, manifest)
@@ -211,6 +218,21 @@ def _reproduce_dataset(cfg: RunConfig, scale: Scale, out: Path, echo, ablations:
     return plan
 
 
+def _default_comparison(cfg: RunConfig, scale: Scale, out: Path, echo, simulations: list) -> dict[str, list[str]]:
+    """The paper's comparison again with the default predictor: FedAvg, FedProx (DEFAULT_PREDICTOR_MU) and
+    centralized training (compute-matched), every seed."""
+    cfg = cfg.replace(num_server_rounds=scale.default_rounds, eval_every=max(1, scale.default_rounds // 5))
+    echo(f"reproduce: the default predictor ({cfg.model!r}): FedAvg, FedProx (mu={DEFAULT_PREDICTOR_MU:g}), centralized")
+    run = _Runner(out, echo, nodes=len(prepare_experiment(cfg).split.train), simulations=simulations)
+    runs = {"FedAvg": [run.federated("default-model/fedavg", cfg.replace(seed=s, strategy="fedavg"))
+                       for s in scale.seeds],
+            f"FedProx (mu={DEFAULT_PREDICTOR_MU:g})": [run.federated(f"default-model/fedprox-mu{DEFAULT_PREDICTOR_MU:g}", cfg.replace(
+                seed=s, strategy="fedprox", proximal_mu=DEFAULT_PREDICTOR_MU)) for s in scale.seeds]}
+    run.flush()
+    runs["Centralized"] = [run.centralized("default-model/centralized", cfg.replace(seed=s)) for s in scale.seeds]
+    return runs
+
+
 def _stress_test(cfg: RunConfig, scale: Scale, out: Path, echo, simulations: list) -> dict[str, dict[str, str]]:
     """The paper's experiment 3: FedAvg, FedProx and centralized training (at equal work) of the
     default predictor on the data skewed at each strength of `scale.skews` (skew.py), first seed."""
@@ -221,8 +243,8 @@ def _stress_test(cfg: RunConfig, scale: Scale, out: Path, echo, simulations: lis
     for skew in scale.skews:
         at = cfg.replace(skew=skew)
         runs[f"{skew:g}"] = {"FedAvg": run.federated(f"stress/skew-{skew:g}/fedavg", at.replace(strategy="fedavg")),
-                             "FedProx": run.federated(f"stress/skew-{skew:g}/fedprox-mu{STRESS_MU:g}",
-                                                      at.replace(strategy="fedprox", proximal_mu=STRESS_MU))}
+                             "FedProx": run.federated(f"stress/skew-{skew:g}/fedprox-mu{DEFAULT_PREDICTOR_MU:g}",
+                                                      at.replace(strategy="fedprox", proximal_mu=DEFAULT_PREDICTOR_MU))}
     run.flush()
     for skew in scale.skews:
         runs[f"{skew:g}"]["Centralized"] = run.centralized(f"stress/skew-{skew:g}/centralized", cfg.replace(skew=skew))

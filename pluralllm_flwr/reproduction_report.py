@@ -92,46 +92,87 @@ def _method_notes(scale: dict) -> list[str]:
 
 
 def _dataset_section(name: str, plan: dict, scale: dict, figures: Path, root: Path) -> tuple[list[str], list[str]]:
-    runs = {label: [_since_start(load_results(p)) for p in paths] for label, paths in plan["main"].items()}
-    rounds = scale["rounds"]
+    rel = lambda p: os.path.relpath(p, root)  # noqa: E731
+    first = load_results(plan["main"]["FedAvg"][0])
+    out = [f"## {name}", "",
+           f"{len(first['train_groups'])} training groups ({', '.join(first['train_groups'])}); "
+           f"{len(first['eval_groups'])} held-out groups, never trained on ({', '.join(first['eval_groups'])}); "
+           f"embedder `{first['embedder']}`. Runs: `{_shown(Path(plan['main']['FedAvg'][0]).parents[1])}`.", ""]
+    claims, section = _comparison(name, "GPO", "", plan["main"], scale["rounds"], figures, rel)
+    out += [f"### GPO, the paper's predictor (`{first['config']['model']}`, features `{first['config']['features']}`)",
+            "", *section]
+    out += ["#### FedProx: the mu sweep (seed " f"{scale['seeds'][0]})", "",
+            "| mu | held-back alignment (training groups; chooses mu) | held-out alignment |", "|---|---|---|"]
+    for s in plan["mu_sweep"]:
+        chosen = " **(chosen)**" if s["mu"] == plan["mu"] else ""
+        out.append(f"| {s['mu']:g}{chosen} | {fmt(s['heldback'])} | {fmt(s['heldout'])} |")
+    out.append("")
+    out += _ablations(name, plan, scale["seeds"][0], figures, rel)
+    if plan.get("default_main"):
+        default = load_results(plan["default_main"]["FedAvg"][0])
+        cfg = default["config"]
+        more, section = _comparison(name, f"default predictor ({cfg['model']})", "default-", plan["default_main"],
+                                    default["final"]["round"], figures, rel)
+        claims += more
+        out += [f"### The default predictor (`{cfg['model']}`, features `{cfg['features']}`)", "",
+                f"The same comparison in FedAvg's federation (`config.FEDAVG_FEDERATION`): every round each client "
+                f"runs {cfg['local-steps']} local steps of {cfg['episodes-per-step']} episodes, Adam at lr {cfg['lr']:g} "
+                f"with a {cfg['lr-schedule']} schedule; FedProx's mu is "
+                f"{load_results(plan['default_main'][_fedprox(plan['default_main'])][0])['config']['proximal-mu']:g}.",
+                "", *section]
+    out += _stress(name, plan.get("stress") or {}, figures, rel)
+    out += _strategies(name, plan.get("strategies") or {}, figures, rel)
+    return claims, out
+
+
+def _fedprox(main: dict) -> str:
+    return next(label for label in main if label.startswith("FedProx"))
+
+
+def _comparison(name: str, predictor: str, tag: str, main: dict[str, list[str]], rounds: int, figures: Path,
+                rel) -> tuple[list[str], list[str]]:
+    """One predictor's FedAvg / FedProx / centralized comparison: curves, the alignment and fairness
+    table, the rounds to reach the centralized score, per group, and its rows of the claims table
+    (its figures' names start with `name`-`tag`)."""
+    runs = {label: [_since_start(load_results(p)) for p in paths] for label, paths in main.items()}
     central = runs.pop(CENTRAL)
     views = {**runs, f"{CENTRAL} (reference, {rounds} epochs)": [_until(r, rounds) for r in central],
              f"{CENTRAL} (compute-matched)": central}
     first = central[0]
     best_central = float(np.mean([r["best"]["alignment"] for r in central]))
-    rel = lambda p: os.path.relpath(p, root)  # noqa: E731
-
-    out = [f"## {name}", "",
-           f"{len(first['train_groups'])} training groups ({', '.join(first['train_groups'])}); "
-           f"{len(first['eval_groups'])} held-out groups, never trained on ({', '.join(first['eval_groups'])}); "
-           f"embedder `{first['embedder']}`. Runs: `{_shown(Path(plan['main']['FedAvg'][0]).parents[1])}`.", ""]
+    prefix = f"{name}-{tag}"
+    out = []
     curves = {"round": "round (federated) / epoch (centralized)", "gradient_steps": "gradient steps",
               "episodes": "episodes (work: forward/backward passes)", "train_seconds": "training seconds"}
     plot_runs = {**runs, CENTRAL: central}
     for x, label in curves.items():
         fig = curve_plot(plot_runs, x, label)
-        fig.axes[0].set_title(f"{name}: held-out alignment against {label.split(' (')[0]}")
+        fig.axes[0].set_title(f"{name}, {predictor}: held-out alignment against {label.split(' (')[0]}")
         if x == "gradient_steps":
             fig.axes[0].set_xscale("symlog", linthresh=10)
-        out.append(f"![alignment against {label}]({rel(_save(fig, figures / f'{name}-alignment-vs-{x}.png'))})")
+        out.append(f"![alignment against {label}]({rel(_save(fig, figures / f'{prefix}alignment-vs-{x}.png'))})")
     out += ["", "Lines: mean over seeds; bands: min–max over seeds; grey: the uniform and train-mean baselines.", ""]
-
-    out += ["### Alignment and fairness", "",
-            "| method | final alignment | best alignment | " + ("final W1 alignment | " if _has_w1(first) else "")
-            + "Jain (final) | CoV (final) | worst held-out group (final) |",
-            "|---|---|---|" + ("---|" if _has_w1(first) else "") + "---|---|---|"]
+    out += ["#### Alignment and fairness", "",
+            "| method | final alignment | best alignment | conditioning gain (final) | unseen questions (final) | "
+            + ("final W1 alignment | " if _has_w1(first) else "") + "Jain (final) | CoV (final) | worst held-out group (final) |",
+            "|---|---|---|---|---|" + ("---|" if _has_w1(first) else "") + "---|---|---|"]
     for label, rs in views.items():
         w1 = f"{_ms([r['final'].get('alignment_w1') for r in rs])} | " if _has_w1(first) else ""
         worst = [(r["final"]["fairness"]["worst_group"], r["final"]["fairness"]["worst"]) for r in rs]
         out.append(f"| {label} | {_ms([r['final']['alignment'] for r in rs])} | {_ms([r['best']['alignment'] for r in rs])} "
+                   f"| {_ms([r['final'].get('conditioning_gain') for r in rs])} "
+                   f"| {_ms([(r['final'].get('unseen') or {}).get('alignment') for r in rs])} "
                    f"| {w1}{_ms([r['final']['fairness']['jain'] for r in rs], 5)} | "
                    f"{_ms([r['final']['fairness']['cov'] for r in rs])} | "
                    f"{_mode([w for w, _ in worst])} ({_ms([s for _, s in worst])}) |")
     for base, b in available_baselines(first["baselines"]).items():
-        out.append(f"| {base} baseline | {fmt(b['alignment'])} | – | " + ("– | " if _has_w1(first) else "") + "– | – | – |")
-    out += ["", "mean ± standard deviation over seeds.", ""]
+        out.append(f"| {base} baseline | {fmt(b['alignment'])} | – | – | {fmt(b.get('unseen'))} | "
+                   + ("– | " if _has_w1(first) else "") + "– | – | – |")
+    out += ["", "mean ± standard deviation over seeds; – where it does not apply (the conditioning gain needs two "
+            "held-out groups answering the same context questions; unseen questions need run-config heldout-questions "
+            "> 0, which the paper's protocol does not set).", ""]
 
-    out += [f"### Reaching the centralized score (best: {best_central:.4f})", "",
+    out += [f"#### Reaching the centralized score (best: {best_central:.4f})", "",
             "| method | target | round / epoch | gradient steps | episodes | training seconds | seeds reaching |",
             "|---|---|---|---|---|---|---|"]
     reach = {}
@@ -149,25 +190,16 @@ def _dataset_section(name: str, plan: dict, scale: dict, figures: Path, root: Pa
                        f"{sum(h is not None for h in hits['round'])}/{len(rs)} |")
     out += ["", "Centralized rounds are epochs (one step each); its episodes are epochs × training groups.", ""]
 
-    out += ["### Per held-out group (final model, mean over seeds)", "",
+    out += ["#### Per held-out group (final model, mean over seeds)", "",
             "| group | " + " | ".join(views) + " | " + " | ".join(f"{b} baseline" for b in available_baselines(first["baselines"])) + " |",
             "|---" * (1 + len(views) + len(available_baselines(first["baselines"]))) + "|"]
     for group in first["eval_groups"]:
         cells = [fmt(float(np.mean([r["final"]["per_group"][group] for r in rs]))) for rs in views.values()]
         cells += [fmt(b["per_group"][group]) for b in available_baselines(first["baselines"]).values()]
         out.append(f"| {group} | " + " | ".join(cells) + " |")
-    out += ["", f"![per group]({rel(_save(group_plot(plot_runs), figures / f'{name}-per-group.png'))})", ""]
+    out += ["", f"![per group]({rel(_save(group_plot(plot_runs), figures / f'{prefix}per-group.png'))})", ""]
 
-    out += ["### FedProx: the mu sweep (seed " f"{scale['seeds'][0]})", "",
-            "| mu | held-back alignment (training groups; chooses mu) | held-out alignment |", "|---|---|---|"]
-    for s in plan["mu_sweep"]:
-        chosen = " **(chosen)**" if s["mu"] == plan["mu"] else ""
-        out.append(f"| {s['mu']:g}{chosen} | {fmt(s['heldback'])} | {fmt(s['heldout'])} |")
-    out.append("")
-    out += _ablations(name, plan, scale["seeds"][0], figures, rel)
-    out += _stress(name, plan.get("stress") or {}, figures, rel)
-    out += _strategies(name, plan.get("strategies") or {}, figures, rel)
-    return _claims(name, runs["FedAvg"], central, rounds, reach, best_central), out
+    return _claims(f"{name}, {predictor}", runs["FedAvg"], central, rounds, reach, best_central), out
 
 
 def _claims(name: str, fedavg: list[dict], central: list[dict], rounds: int, reach: dict,
@@ -208,7 +240,7 @@ def _ablations(name: str, plan: dict, seed: int, figures: Path, rel) -> list[str
     if not plan["local_steps"]:
         return []
     central = load_results(plan["main"][CENTRAL][0])["final"]
-    out = [f"### Ablations (seed {seed}, FedAvg unless named)", "", "#### Local steps at equal work", "",
+    out = [f"#### Ablations (seed {seed}, FedAvg unless named)", "", "##### Local steps at equal work", "",
            "Every run does the same local steps per client in total (rounds × local steps fixed), which is also "
            f"the work of the compute-matched centralized run of seed {seed} (final alignment {fmt(central['alignment'])}).",
            "", "| local steps | rounds | final alignment | best alignment | centralized minus federated (final, same work) "
@@ -225,7 +257,7 @@ def _ablations(name: str, plan: dict, seed: int, figures: Path, rel) -> list[str
     differ = ("so the weights differ (the main runs keep only common questions: there every group has the same "
               "size and both weightings are the same)" if low < high else
               "the same number for every group, so on this dataset both weightings are the same")
-    out += ["#### Size-weighted against uniform aggregation", "",
+    out += ["##### Size-weighted against uniform aggregation", "",
             f"With every group's own questions (common-questions=false), the training groups hold {low} to {high} "
             f"training questions, {differ}.", "",
             "| weighting | final alignment | best alignment | Jain | CoV | worst group |", "|---|---|---|---|---|---|"]
@@ -234,7 +266,7 @@ def _ablations(name: str, plan: dict, seed: int, figures: Path, rel) -> list[str
         r, f = run["final"], run["final"]["fairness"]
         out.append(f"| {weighting} | {fmt(r['alignment'])} | {fmt(run['best']['alignment'])} | "
                    f"{f['jain']:.5f} | {fmt(f['cov'])} | {f['worst_group']} ({fmt(f['worst'])}) |")
-    out += ["", "#### Evaluation context size", "",
+    out += ["", "##### Evaluation context size", "",
             "The final models of the main runs, evaluated with k context questions per held-out group "
             "(mean over seeds).", "",
             "| method | " + " | ".join(f"k={k}" for k in _contexts(plan)) + " |", "|---" * (1 + len(_contexts(plan))) + "|"]
@@ -250,7 +282,7 @@ def _ablations(name: str, plan: dict, seed: int, figures: Path, rel) -> list[str
     ax.legend(fontsize=8)
     out += ["", f"![evaluation context]({rel(_save(fig, figures / f'{name}-eval-context.png'))})", ""]
 
-    out += ["#### Embedder", "", "| embedder | width | questions | final alignment | best alignment |",
+    out += ["##### Embedder", "", "| embedder | width | questions | final alignment | best alignment |",
             "|---|---|---|---|---|"]
     emb_runs = {}
     for embedder, info in plan["embedders"].items():

@@ -16,9 +16,11 @@ from .conftest import TINY_RUN, tiny_causal_lm
 SECTIONS = ["## The paper's claims against ours", "### Alignment and fairness", "### Reaching the centralized score",
             "### Per held-out group", "### FedProx: the mu sweep", "#### Local steps at equal work",
             "#### Size-weighted against uniform aggregation", "#### Evaluation context size", "#### Embedder",
-            "### Non-IID stress test", "### Aggregation strategies and fairness", "## Not run"]
+            "### Non-IID stress test", "### Aggregation strategies and fairness", "### GPO, the paper's predictor",
+            "### The default predictor (`mixture`", "## Not run"]
 FIGURES = ["alignment-vs-round", "alignment-vs-gradient_steps", "alignment-vs-episodes", "alignment-vs-train_seconds",
-           "per-group", "local-steps", "eval-context", "embedders", "stress", "strategies"]
+           "per-group", "local-steps", "eval-context", "embedders", "stress", "strategies",
+           "default-alignment-vs-round", "default-alignment-vs-episodes", "default-per-group"]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,14 @@ def test_smoke_reproduction_writes_every_figure_and_table_and_reuses_its_runs(ti
     assert {info["dim"] for info in plan["embedders"].values()} == {384, 32}
     assert all(set(scores) == {"5", "20"} for scores in plan["eval_context"].values())
     assert len(plan["eval_context"]) == 6
+    # the default predictor's comparison: the same methods and seeds, its own claims
+    assert list(plan["default_main"]) == ["FedAvg", "FedProx (mu=0.1)", "Centralized"]
+    assert [len(p) for p in plan["default_main"].values()] == [2, 2, 2]
+    default = {m: load_results(p[0]) for m, p in plan["default_main"].items()}
+    assert {r["config"]["model"] for r in default.values()} == {"mixture"}
+    assert default["FedAvg"]["final"]["episodes"] == default["Centralized"]["final"]["episodes"]
+    assert "globalopinionqa, default predictor (mixture): better alignment" in text
+    assert "globalopinionqa, GPO: better alignment" in text
     # the stress test: the default predictor at each skew, FedAvg, FedProx and centralized at equal work
     assert sorted(plan["stress"]) == ["0", "1"] and all(len(m) == 3 for m in plan["stress"].values())
     stressed = {skew: {m: load_results(p) for m, p in by_method.items()} for skew, by_method in plan["stress"].items()}
@@ -102,7 +112,7 @@ def test_smoke_reproduction_writes_every_figure_and_table_and_reuses_its_runs(ti
     assert "running" not in again and "queued" not in again
     assert again.count("complete, reused") == printed.count("running ...") + printed.count(": queued")
     simulations = load_manifest(runs)["simulations"]  # the federated runs: two Flower simulations, not one each
-    assert [s["runs"] for s in simulations] == [8, 1, 4, 14] and all(s["seconds"] > s["run_seconds"] > 0 for s in simulations)
+    assert [s["runs"] for s in simulations] == [8, 1, 4, 4, 14] and all(s["seconds"] > s["run_seconds"] > 0 for s in simulations)
     assert "Flower's start-up, teardown and set-up between runs" in text
     assert [i["command"][:19] for i in load_manifest(runs)["invocations"]] == ["pluralllm reproduce"] * 2
     assert main(["reproduce", "--report-only", "--out", str(runs), "--report", str(report)]) == 0
