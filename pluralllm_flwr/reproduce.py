@@ -115,9 +115,9 @@ def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str 
     """Run every missing run of the reproduction and return the manifest (also written to out).
 
     `base` is the paper's predictor (PAPER_PREDICTOR), `plural` the default predictor in FedAvg's
-    federation (its comparison, the stress test and the strategies; none without it). `datasets` maps a dataset name to its path ("" = the
-    hub for GlobalOpinionQA). A dataset that cannot be loaded is reported as skipped, with the reason,
-    before any training starts."""
+    federation (its comparison, the stress test and the strategies; none without it). `datasets` maps a
+    dataset name to its path ("" = the hub for GlobalOpinionQA). A dataset that cannot be loaded is
+    reported as skipped, with the reason, before any training starts."""
     out = Path(out).resolve()
     started = time.perf_counter()
     usable, skipped = {}, {}
@@ -219,15 +219,16 @@ def _reproduce_dataset(cfg: RunConfig, scale: Scale, out: Path, echo, ablations:
 
 
 def _default_comparison(cfg: RunConfig, scale: Scale, out: Path, echo, simulations: list) -> dict[str, list[str]]:
-    """The paper's comparison again with the default predictor: FedAvg, FedProx (DEFAULT_PREDICTOR_MU) and
-    centralized training (compute-matched), every seed."""
+    """The paper's comparison again with the default predictor: FedAvg, FedProx (DEFAULT_PREDICTOR_MU)
+    and centralized training (compute-matched), every seed."""
     cfg = cfg.replace(num_server_rounds=scale.default_rounds, eval_every=max(1, scale.default_rounds // 5))
-    echo(f"reproduce: the default predictor ({cfg.model!r}): FedAvg, FedProx (mu={DEFAULT_PREDICTOR_MU:g}), centralized")
+    mu = DEFAULT_PREDICTOR_MU
+    echo(f"reproduce: the default predictor ({cfg.model!r}): FedAvg, FedProx (mu={mu:g}), centralized")
     run = _Runner(out, echo, nodes=len(prepare_experiment(cfg).split.train), simulations=simulations)
     runs = {"FedAvg": [run.federated("default-model/fedavg", cfg.replace(seed=s, strategy="fedavg"))
                        for s in scale.seeds],
-            f"FedProx (mu={DEFAULT_PREDICTOR_MU:g})": [run.federated(f"default-model/fedprox-mu{DEFAULT_PREDICTOR_MU:g}", cfg.replace(
-                seed=s, strategy="fedprox", proximal_mu=DEFAULT_PREDICTOR_MU)) for s in scale.seeds]}
+            f"FedProx (mu={mu:g})": [run.federated(f"default-model/fedprox-mu{mu:g}", cfg.replace(
+                seed=s, strategy="fedprox", proximal_mu=mu)) for s in scale.seeds]}
     run.flush()
     runs["Centralized"] = [run.centralized("default-model/centralized", cfg.replace(seed=s)) for s in scale.seeds]
     return runs

@@ -154,7 +154,8 @@ def _comparison(name: str, predictor: str, tag: str, main: dict[str, list[str]],
     out += ["", "Lines: mean over seeds; bands: min–max over seeds; grey: the uniform and train-mean baselines.", ""]
     out += ["#### Alignment and fairness", "",
             "| method | final alignment | best alignment | conditioning gain (final) | unseen questions (final) | "
-            + ("final W1 alignment | " if _has_w1(first) else "") + "Jain (final) | CoV (final) | worst held-out group (final) |",
+            + ("final W1 alignment | " if _has_w1(first) else "")
+            + "Jain (final) | CoV (final) | worst held-out group (final) |",
             "|---|---|---|---|---|" + ("---|" if _has_w1(first) else "") + "---|---|---|"]
     for label, rs in views.items():
         w1 = f"{_ms([r['final'].get('alignment_w1') for r in rs])} | " if _has_w1(first) else ""
@@ -242,9 +243,10 @@ def _ablations(name: str, plan: dict, seed: int, figures: Path, rel) -> list[str
     central = load_results(plan["main"][CENTRAL][0])["final"]
     out = [f"#### Ablations (seed {seed}, FedAvg unless named)", "", "##### Local steps at equal work", "",
            "Every run does the same local steps per client in total (rounds × local steps fixed), which is also "
-           f"the work of the compute-matched centralized run of seed {seed} (final alignment {fmt(central['alignment'])}).",
-           "", "| local steps | rounds | final alignment | best alignment | centralized minus federated (final, same work) "
-           "| Jain (final) |", "|---|---|---|---|---|---|"]
+           f"the work of the compute-matched centralized run of seed {seed} (final alignment "
+           f"{fmt(central['alignment'])}).", "",
+           "| local steps | rounds | final alignment | best alignment | centralized minus federated (final, same "
+           "work) | Jain (final) |", "|---|---|---|---|---|---|"]
     steps_runs = {int(k): load_results(p) for k, p in plan["local_steps"].items()}
     for k, r in sorted(steps_runs.items()):
         out.append(f"| {k} | {r['final']['round']} | {fmt(r['final']['alignment'])} | {fmt(r['best']['alignment'])} | "
@@ -299,7 +301,8 @@ def _stress(name: str, stress: dict[str, dict[str, str]], figures: Path, rel) ->
     the skew strength, and the strength at which FedAvg breaks down relative to centralized training."""
     if not stress:
         return []
-    runs = {float(skew): {label: load_results(path) for label, path in by_method.items()} for skew, by_method in stress.items()}
+    runs = {float(skew): {label: load_results(path) for label, path in by_method.items()}
+            for skew, by_method in stress.items()}
     skews = sorted(runs)
     methods = list(runs[skews[0]])
     first = runs[skews[0]]["FedAvg"]
@@ -314,7 +317,8 @@ def _stress(name: str, stress: dict[str, dict[str, str]], figures: Path, rel) ->
            f"seed {cfg['seed']}), on data whose every group, trained or held out, is pulled toward a seeded preference "
            "of its own over option positions with strength *skew* (run-config `skew`; `pluralllm_flwr/skew.py` "
            "defines the transform). Centralized training does the same work (compute-matched); FedProx's "
-           f"mu is {runs[skews[0]]['FedProx']['config']['proximal-mu']:g}. Final held-out alignment; the conditioning gain in brackets.",
+           f"mu is {runs[skews[0]]['FedProx']['config']['proximal-mu']:g}. Final held-out alignment; the conditioning "
+           "gain in brackets.",
            "", "| skew | " + " | ".join(methods) + " | " + " | ".join(baselines[skews[0]]) + " | FedAvg's share of "
            "centralized's gain over uniform |", "|---" * (2 + len(methods) + len(baselines[skews[0]])) + "|"]
     for skew in skews:
@@ -371,7 +375,8 @@ def _strategies(name: str, strategies: dict[str, list[str]], figures: Path, rel)
     for label, rs in runs.items():
         gains = [r["final"].get("conditioning_gain") for r in rs]
         out.append(f"| {label} | {_ms([r['final']['alignment'] for r in rs])} | "
-                   f"{_ms(gains) if None not in gains else 'n/a'} | {_ms([r['final']['fairness']['jain'] for r in rs], 5)} | "
+                   f"{_ms(gains) if None not in gains else 'n/a'} | "
+                   f"{_ms([r['final']['fairness']['jain'] for r in rs], 5)} | "
                    f"{_ms([r['final']['fairness']['cov'] for r in rs])} | "
                    f"{_mode([r['final']['fairness']['worst_group'] for r in rs])} ({_ms(worst[label])}) | "
                    + ("–" if label == reference else f"{better[label]}/{len(rs)}") + " |")

@@ -112,7 +112,8 @@ def test_smoke_reproduction_writes_every_figure_and_table_and_reuses_its_runs(ti
     assert "running" not in again and "queued" not in again
     assert again.count("complete, reused") == printed.count("running ...") + printed.count(": queued")
     simulations = load_manifest(runs)["simulations"]  # the federated runs: two Flower simulations, not one each
-    assert [s["runs"] for s in simulations] == [8, 1, 4, 4, 14] and all(s["seconds"] > s["run_seconds"] > 0 for s in simulations)
+    assert [s["runs"] for s in simulations] == [8, 1, 4, 4, 14]
+    assert all(s["seconds"] > s["run_seconds"] > 0 for s in simulations)
     assert "Flower's start-up, teardown and set-up between runs" in text
     assert [i["command"][:19] for i in load_manifest(runs)["invocations"]] == ["pluralllm reproduce"] * 2
     assert main(["reproduce", "--report-only", "--out", str(runs), "--report", str(report)]) == 0

@@ -11,7 +11,8 @@ from pluralllm_flwr.skew import apply_skew, preference
 
 def survey(n_questions: int = 6) -> PreferenceData:
     rng = np.random.default_rng(1)
-    questions = [Question(f"q{i}", f"question {i}?", tuple(f"o{k}" for k in range(2 + i % 3))) for i in range(n_questions)]
+    questions = [Question(f"q{i}", f"question {i}?", tuple(f"o{k}" for k in range(2 + i % 3)))
+                 for i in range(n_questions)]
     answers = {g: {i: rng.dirichlet(np.ones(len(q.options))) for i, q in enumerate(questions)} for g in ("A", "B", "C")}
     return PreferenceData("globalopinionqa", questions, answers)
 
