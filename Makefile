@@ -30,8 +30,8 @@ test: install
 	$(PY) -m pytest -q --durations=15
 
 # The paper's comparison (FedAvg, FedProx, centralized) and its ablations on real data, then
-# docs/results.md and its figures. SCALE=smoke (~10 minutes) | default (~1 hour per dataset on 2 cores) |
-# full (the paper's 1,000 rounds). Complete runs are reused: an interrupted reproduction continues.
+# docs/results.md and its figures. SCALE=smoke (minutes) | default (40 rounds of GPO, 30-50 of the default
+# predictor; README gives its time) | full (the paper's 1,000 rounds). Complete runs are reused: an interrupted reproduction continues.
 SCALE ?= default
 OPINIONQA ?= ../shared/data/opinionqa/human_resp
 GOQA ?=

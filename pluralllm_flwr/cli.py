@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", action="append", metavar="NAME[=PATH]", help="opinionqa=<human_resp folder>, "
                    "globalopinionqa (from the hub) or globalopinionqa=<global_opinions.csv>; repeatable")
     p.add_argument("--scale", choices=["smoke", "default", "full"], default="default",
-                   help="smoke: ~10 minutes; default: under an hour per dataset on 2 CPU cores (40 rounds); full: the paper's")
+                   help="smoke: minutes; default: 40 rounds of GPO, 30-50 of the default predictor (README gives "
+                   "its time on 2 CPU cores); full: the paper's")
     p.add_argument("--rounds", type=int, default=0, help="federated rounds (overrides the scale's)")
     p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (overrides the scale's)")
     p.add_argument("--embedders", type=lambda t: t.split(","), default=None,
