@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # files only: reports are written on headless machines to
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .config import ADAPTIVE_STRATEGIES  # noqa: E402
 from .experiment import fmt_gain  # noqa: E402
 from .metrics import rounds_to_target  # noqa: E402
 from .report import available_baselines, curve_plot, fmt, group_plot  # noqa: E402
@@ -356,16 +357,19 @@ def _strategies(name: str, strategies: dict[str, list[str]], figures: Path, rel)
     if not strategies:
         return []
     runs = {label: [load_results(p) for p in paths] for label, paths in strategies.items()}
-    first = runs[next(iter(runs))][0]
-    cfg, reference = first["config"], "FedAvg (size-weighted)"
-    sizes = [len(r["train_groups"]) for r in runs[reference]]
+    reference = next(iter(runs))  # the first rule, size-weighted FedAvg, is the reference
+    first = runs[reference][0]
+    cfg = first["config"]
+    adaptive = sorted({r["config"]["server-lr"] for rs in runs.values() for r in rs
+                       if r["config"]["strategy"] in ADAPTIVE_STRATEGIES})
     out = ["### Aggregation strategies and fairness (the paper's open question 3)", "",
            f"The default predictor (`{cfg['model']}`) in FedAvg's federation ({cfg['local-steps']} local steps of "
            f"{cfg['episodes-per-step']} episodes, {first['final']['round']} rounds) on every group of {name} with at "
-           f"least {cfg['min-group-questions']} questions: {sizes[0]} clients and {len(first['eval_groups'])} held-out "
-           "groups, drawn anew by each seed ('auto' split), each group with all its own questions (common-questions="
-           "false), so that group sizes differ. The adaptive rules take one normalised server step (server-lr "
-           "in `reproduce.STRATEGY_COMPARISON`, not tuned per rule); q-FedAvg runs SGD clients, as it assumes. "
+           f"least {cfg['min-group-questions']} questions: {len(first['train_groups'])} clients and "
+           f"{len(first['eval_groups'])} held-out groups, drawn anew by each seed ('auto' split), each group with all "
+           "its own questions (common-questions=false), so that group sizes differ. The adaptive rules share server-lr "
+           f"{', '.join(f'{v:g}' for v in adaptive) or '–'} (not tuned per rule; the README says how it was chosen); "
+           "q-FedAvg runs SGD clients, as it assumes. "
            "Centralized training does the same work. Final held-out scores, mean ± standard deviation over seeds "
            f"{[r['config']['seed'] for r in runs[reference]]}.", "",
            "| strategy | alignment | conditioning gain | Jain | CoV | worst held-out group | worst group above "
