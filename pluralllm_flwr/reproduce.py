@@ -4,7 +4,7 @@ its open questions, on real data, as one command; `reproduction_report.py` write
 Every run is an ordinary run directory (the results contract) under <out>/<dataset>/<name>/seed-<s>.
 A run already complete with the same run-config is reused, so an interrupted reproduction goes on
 where it stopped, and the report can be rewritten without training again. What the report needs
-beyond the run directories (skipped datasets, the chosen mu, post-hoc evaluations, the commands
+beyond the run directories (skipped datasets, the chosen mu, the commands
 that ran and their time) is in <out>/manifest.json.
 """
 from __future__ import annotations
@@ -13,14 +13,14 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import data as D
 from .centralized import train_centralized
 from .config import ConfigError, RunConfig
-from .experiment import fmt_gain, prepare_experiment, resolve_device
-from .results import LAST_CHECKPOINT, RESULTS_FILE, claim_run_dir, holds_run, load_checkpoint, load_results
+from .experiment import fmt_gain, prepare_experiment
+from .results import LAST_CHECKPOINT, RESULTS_FILE, claim_run_dir, holds_run, load_results
 from .simulation import simulate_batch
 
 MANIFEST = "manifest.json"
@@ -43,11 +43,11 @@ class Scale:
     ablations_on_every_dataset: bool = False            # else on the first dataset only
     # the default predictor in FedAvg's federation: its comparison (every seed, evaluated five times), then on
     # the first dataset the non-IID stress test (first seed, final evaluation only) at these skew strengths
-    default_rounds: int = 50
+    default_rounds: int = 40
     skews: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    stress_rounds: int = 50
+    stress_rounds: int = 40                             # = default_rounds: skew 0 reuses the comparison's runs
     # aggregation strategies (open question 3; default predictor, every group of the first dataset, 'auto' split)
-    strategy_rounds: int = 30
+    strategy_rounds: int = 20
     strategy_seeds: int = 2                             # the first this many of `seeds`
 
     def describe(self) -> str:
@@ -65,8 +65,8 @@ SCALES = {
     "smoke": Scale("smoke", rounds=3, eval_every=1, seeds=(0, 1), mus=(0.1, 1.0), local_steps=(3, 6),
                    eval_contexts=(5, 20), embedders=("minilm",), default_rounds=2, skews=(0.0, 1.0),
                    stress_rounds=2, strategy_rounds=2),
-    # under an hour on a 2-core CPU for OpinionQA: 40 rounds where the paper ran ~1,000
-    "default": Scale("default", rounds=40, eval_every=10, embedder_questions=300),
+    # about 90 minutes on a 2-core CPU for OpinionQA (README): 30 rounds where the paper ran ~1,000
+    "default": Scale("default", rounds=30, eval_every=10, embedder_questions=300),
     # the paper's scale (1,000 rounds, every question, ablations on every dataset): GPU territory
     "full": Scale("full", rounds=1000, eval_every=10, ablations_on_every_dataset=True),
 }
@@ -144,7 +144,8 @@ def reproduce(datasets: dict[str, str], scale: Scale, base: RunConfig, out: str 
             plural_here = plural.replace(dataset=cfg.dataset, data_path=cfg.data_path)
             plan.default_main = _default_comparison(plural_here, scale, out / name, echo, manifest["simulations"])
             if ablations:
-                plan.stress = _stress_test(plural_here, scale, out / name, echo, manifest["simulations"])
+                plan.stress = _stress_test(plural_here, scale, out / name, echo, manifest["simulations"],
+                                           plan.default_main)
                 plan.strategies = _strategies(plural_here, scale, out / name, echo, manifest["simulations"])
         manifest["datasets"][name] = asdict(plan)
         manifest["invocations"][-1]["seconds"] = round(time.perf_counter() - started, 1)
@@ -213,8 +214,7 @@ def _reproduce_dataset(cfg: RunConfig, scale: Scale, out: Path, echo, ablations:
     plan.main = {"FedAvg": runs["FedAvg"], f"FedProx (mu={plan.mu:g})": runs["FedProx"],
                  "Centralized": runs["Centralized"]}
     if ablations:
-        echo("reproduce: evaluation-context ablation on the final models of the main runs")
-        plan.eval_context = _eval_context_ablation([p for paths in runs.values() for p in paths], scale.eval_contexts)
+        plan.eval_context = _eval_context([p for paths in runs.values() for p in paths], scale.eval_contexts)
     return plan
 
 
@@ -234,21 +234,32 @@ def _default_comparison(cfg: RunConfig, scale: Scale, out: Path, echo, simulatio
     return runs
 
 
-def _stress_test(cfg: RunConfig, scale: Scale, out: Path, echo, simulations: list) -> dict[str, dict[str, str]]:
+def _stress_test(cfg: RunConfig, scale: Scale, out: Path, echo, simulations: list,
+                 default_main: dict[str, list[str]]) -> dict[str, dict[str, str]]:
     """The paper's experiment 3: FedAvg, FedProx and centralized training (at equal work) of the
-    default predictor on the data skewed at each strength of `scale.skews` (skew.py), first seed."""
+    default predictor on the data skewed at each strength of `scale.skews` (skew.py), first seed.
+    Skew 0 is the data itself: at the comparison's rounds, its runs are the comparison's first seed's."""
     cfg = cfg.replace(num_server_rounds=scale.stress_rounds, eval_every=scale.stress_rounds, seed=scale.seeds[0])
     echo(f"reproduce: non-IID stress test, skew {list(scale.skews)}, model {cfg.model!r}")
     run = _Runner(out, echo, nodes=len(prepare_experiment(cfg).split.train), simulations=simulations)
+    fedprox = f"FedProx (mu={DEFAULT_PREDICTOR_MU:g})"
     runs = {}
     for skew in scale.skews:
+        if skew == 0 and scale.stress_rounds == scale.default_rounds:
+            runs["0"] = {"FedAvg": default_main["FedAvg"][0], "FedProx": default_main[fedprox][0],
+                         "Centralized": default_main["Centralized"][0]}
+            echo("reproduce: stress test at skew 0 = the default predictor's comparison, seed "
+                 f"{scale.seeds[0]} (the same runs)")
+            continue
         at = cfg.replace(skew=skew)
         runs[f"{skew:g}"] = {"FedAvg": run.federated(f"stress/skew-{skew:g}/fedavg", at.replace(strategy="fedavg")),
                              "FedProx": run.federated(f"stress/skew-{skew:g}/fedprox-mu{DEFAULT_PREDICTOR_MU:g}",
                                                       at.replace(strategy="fedprox", proximal_mu=DEFAULT_PREDICTOR_MU))}
     run.flush()
     for skew in scale.skews:
-        runs[f"{skew:g}"]["Centralized"] = run.centralized(f"stress/skew-{skew:g}/centralized", cfg.replace(skew=skew))
+        if "Centralized" not in runs[f"{skew:g}"]:
+            runs[f"{skew:g}"]["Centralized"] = run.centralized(f"stress/skew-{skew:g}/centralized",
+                                                               cfg.replace(skew=skew))
     return runs
 
 
@@ -282,32 +293,18 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "-" for c in name.strip("/").split("/")[-1])
 
 
-EVAL_CONTEXT_FILE = "eval_context.json"
-
-
-def _eval_context_ablation(paths: list[str], contexts: tuple[int, ...]) -> dict[str, dict[str, float]]:
-    """Held-out alignment of each run's final model with k context questions per held-out group
-    (kept in the run directory, so a rerun of the reproduction does not evaluate again)."""
+def _eval_context(paths: list[str], contexts: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """Held-out alignment of each run's final model with k context questions per held-out group: its
+    final evaluation's context-size curve (run-config eval-context-sizes), which every run records."""
     scores: dict[str, dict[str, float]] = {}
     for path in paths:
-        done = Path(path) / EVAL_CONTEXT_FILE
-        if done.is_file():
-            cached = json.loads(done.read_text())
-            if all(str(k) in cached for k in contexts):
-                scores[path] = {str(k): cached[str(k)] for k in contexts}
-                continue
-        cfg = RunConfig.from_mapping(load_results(path)["config"])
-        state, _ = load_checkpoint(Path(path) / LAST_CHECKPOINT)
-        exp = prepare_experiment(cfg, progress=False)
-        model = exp.build_model()
-        model.load_state_dict(state)
-        device = resolve_device(cfg.device)
-        model.to(device)
-        scores[path] = {}
-        for k in contexts:
-            exp_k = replace(exp, cfg=cfg.replace(eval_context=k))
-            scores[path][str(k)] = exp_k.evaluate(model, device)["alignment"]
-        done.write_text(json.dumps(scores[path]))
+        run = load_results(path)
+        curve = run["final"].get("context_curve") or {}
+        missing = [k for k in contexts if str(k) not in curve]
+        if missing:
+            raise ConfigError(f"{path}: its evaluation has no context size {missing} (it has {sorted(curve, key=int)}); "
+                              f"add them to run-config eval-context-sizes={run['config']['eval-context-sizes']!r}")
+        scores[path] = {str(k): curve[str(k)] for k in contexts}
     return scores
 
 

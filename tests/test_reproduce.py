@@ -85,6 +85,9 @@ def test_smoke_reproduction_writes_every_figure_and_table_and_reuses_its_runs(ti
     assert "globalopinionqa, GPO: better alignment" in text
     # the stress test: the default predictor at each skew, FedAvg, FedProx and centralized at equal work
     assert sorted(plan["stress"]) == ["0", "1"] and all(len(m) == 3 for m in plan["stress"].values())
+    # skew 0 is the data itself: at the comparison's rounds its runs are the comparison's first seed's
+    assert plan["stress"]["0"] == {"FedAvg": plan["default_main"]["FedAvg"][0], "Centralized":
+                                   plan["default_main"]["Centralized"][0], "FedProx": plan["default_main"]["FedProx (mu=0.1)"][0]}
     stressed = {skew: {m: load_results(p) for m, p in by_method.items()} for skew, by_method in plan["stress"].items()}
     assert {r["config"]["skew"] for r in stressed["1"].values()} == {1.0}
     assert {r["config"]["model"] for rs in stressed.values() for r in rs.values()} == {"mixture"}
@@ -112,7 +115,7 @@ def test_smoke_reproduction_writes_every_figure_and_table_and_reuses_its_runs(ti
     assert "running" not in again and "queued" not in again
     assert again.count("complete, reused") == printed.count("running ...") + printed.count(": queued")
     simulations = load_manifest(runs)["simulations"]  # the federated runs: two Flower simulations, not one each
-    assert [s["runs"] for s in simulations] == [8, 1, 4, 4, 14]
+    assert [s["runs"] for s in simulations] == [8, 1, 4, 2, 14]  # stress: skew 0 is the default comparison's seed 0
     assert all(s["seconds"] > s["run_seconds"] > 0 for s in simulations)
     assert "Flower's start-up, teardown and set-up between runs" in text
     assert [i["command"][:19] for i in load_manifest(runs)["invocations"]] == ["pluralllm reproduce"] * 2
