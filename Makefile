@@ -6,7 +6,7 @@ DATASET ?= globalopinionqa
 DATA ?=
 ROUNDS ?=
 
-.PHONY: install demo data test reproduce gpu-check privacy deploy certs bench clean
+.PHONY: install demo data test reproduce align gpu-check privacy deploy certs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ GOQA ?=
 reproduce: install
 	$(VENV)/bin/pluralllm reproduce --scale $(SCALE) --dataset opinionqa=$(abspath $(OPINIONQA)) \
 	  --dataset globalopinionqa$(if $(GOQA),=$(abspath $(GOQA)))
+
+# Steer SmolLM2-135M-Instruct toward OpinionQA groups' opinions with GRPO, the federated predictor as the
+# reward model, on questions the predictor never trained on. The first call trains that predictor (the demo's
+# federation with 10% of the questions held out) into ALIGN_RUN; ALIGN_ARGS: more `pluralllm align` options.
+ALIGN_GROUPS ?= Democrat
+ALIGN_RUN ?= runs/align/predictor
+ALIGN_ARGS ?=
+align: install
+	test -f $(ALIGN_RUN)/best.safetensors || $(VENV)/bin/pluralllm demo --dataset opinionqa \
+	  --path $(abspath $(OPINIONQA)) -c "heldout-questions=0.1 out-dir='$(abspath $(ALIGN_RUN))'"
+	$(VENV)/bin/pluralllm align --run $(ALIGN_RUN) --groups $(ALIGN_GROUPS) $(ALIGN_ARGS)
 
 # On a machine with a CUDA GPU: the GPU tests and a short timing (skipped cleanly without one).
 gpu-check: install

@@ -6,6 +6,7 @@ import json
 import logging
 import shlex
 import sys
+import time
 import traceback
 
 from pathlib import Path
@@ -185,8 +186,6 @@ def cmd_deploy_certs(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: embed (cached), simulate the federation, write the report into runs/<timestamp>/."""
-    import time
-
     run_dir = (Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     defaults = {**DEMO_FEDERATION, "dataset": args.dataset, "data-path": str(Path(args.path).resolve()) if args.path
                 else "", "num-server-rounds": args.rounds, "out-dir": str(run_dir / "federated")}  # -c still wins
@@ -197,6 +196,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cmd_report(argparse.Namespace(runs=[str(run_dir / "federated")], out=str(run_dir)))
     print(f"\ndemo done: open {run_dir / 'report.md'} (plots beside it).\nAt the paper's scale (1,000 rounds; the "
           "default run-config):  pluralllm simulate -c \"dataset='...' data-path='...'\"")
+    return 0
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    """GRPO of a policy LM toward groups' opinions, the run's predictor as reward (align.py), then its report."""
+    from .align import AlignSettings, align, alignment_task, checkpoint_of
+    from .align_report import write_align_report
+    from .reward import GroupRewardModel
+
+    given = {"steps": args.steps, "beta": args.beta, "learning_rate": args.lr, "generations": args.generations,
+             "prompts_per_step": args.prompts_per_step, "trainable_layers": args.trainable_layers,
+             "eval_every": args.eval_every}  # None: AlignSettings' default
+    settings = AlignSettings(aggregate=args.aggregate, seed=args.seed,
+                             **{k: v for k, v in given.items() if v is not None})
+    checkpoint = checkpoint_of(args.run)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    measure = [g.strip() for g in args.measure.split(",") if g.strip()]
+    task = alignment_task(args.run, groups, args.context, args.questions, args.seed, measure_also=measure)
+    reward_model = GroupRewardModel.from_checkpoint(checkpoint, cache_dir=args.cache_dir or None)
+    out = Path(args.out or f"runs/align/{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"align: {len(task.questions)} unseen questions, groups {groups}, policy {args.policy!r}; out {out}")
+    align(task, reward_model, args.policy, settings, out, run=args.run, cache_dir=args.cache_dir or None)
+    print(f"report: {write_align_report(out)}")
     return 0
 
 
@@ -340,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", action="append", metavar="NAME[=PATH]", help="opinionqa=<human_resp folder>, "
                    "globalopinionqa (from the hub) or globalopinionqa=<global_opinions.csv>; repeatable")
     p.add_argument("--scale", choices=["smoke", "default", "full"], default="default",
-                   help="smoke: minutes; default: 40 rounds of GPO, 30-50 of the default predictor (README gives "
+                   help="smoke: minutes; default: 30 rounds of GPO, 20-40 of the default predictor (README gives "
                    "its time on 2 CPU cores); full: the paper's")
     p.add_argument("--rounds", type=int, default=0, help="federated rounds (overrides the scale's)")
     p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (overrides the scale's)")
@@ -362,6 +384,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("align", help="steer a language model toward groups' opinions with GRPO, a run's predictor as "
+                       "the reward model, on questions the predictor never trained on; report in runs/align/<ts>/")
+    p.add_argument("--run", required=True, help="a training run's directory, trained with heldout-questions > 0")
+    p.add_argument("--groups", required=True, help="comma-separated groups of the run's data to align to")
+    p.add_argument("--measure", default="", help="comma-separated groups to measure too, not aligned to")
+    p.add_argument("--policy", default="smollm2", help="smollm2 (offline SmolLM2-135M-Instruct) | a hub id | a folder")
+    p.add_argument("--aggregate", default="mean", choices=["mean", "min", "adaptive"], help="several groups' rewards")
+    # defaults: align.AlignSettings
+    p.add_argument("--steps", type=int, default=None, help="GRPO steps (default 60)")
+    p.add_argument("--beta", type=float, default=None, help="KL coefficient and the reward's scale")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--generations", type=int, default=None, help="completions per prompt")
+    p.add_argument("--prompts-per-step", type=int, default=None)
+    p.add_argument("--trainable-layers", type=int, default=None,
+                   help="the policy's last blocks that learn (0 = all)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between measurements")
+    p.add_argument("--context", type=int, default=20, help="context answers per group given to the predictor")
+    p.add_argument("--questions", type=int, default=0, help="a seeded subset of the unseen questions (0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default="", help="embeddings and the dequantised policy (default ~/.cache/pluralllm)")
+    p.add_argument("--out", default="", help="default runs/align/<timestamp>")
+    p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("report", help="plots and a Markdown table from one or more run directories")
     p.add_argument("runs", nargs="+", help="run directories (each with results.json)")

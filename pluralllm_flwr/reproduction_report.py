@@ -70,7 +70,7 @@ def _scale_note(scale: dict) -> str:
         return "This is the paper's scale (its federated runs converged at 634 rounds)."
     if scale["name"] == "smoke":
         return "A smoke run: it checks that every run, figure and table is produced; its numbers mean nothing."
-    return ("Scaled down to fit about an hour on a 2-core CPU: the paper ran about 1,000 rounds, so absolute "
+    return ("Scaled down for a 2-core CPU (the time it took is above): the paper ran about 1,000 rounds, so absolute "
             "scores, and whether a method *reaches* a target at all, are for this budget only; the full scale is "
             "`make reproduce SCALE=full`.")
 

@@ -2,8 +2,10 @@
 
 A group is described by a few questions it answered (a `GroupContext`); the checkpoint predicts
 its answer distribution on new multiple-choice questions, embedded with the checkpoint's own
-embedder. Rewards: a completion that picks option i earns a group's predicted probability of i;
-a whole answer distribution earns 1 − JS distance to the prediction (`metrics.alignment`).
+embedder. Rewards: a completion that picks option i earns a group's predicted probability of i, or,
+given a reference policy's answer distribution, the log-ratio beta·log(p_g(i) / reference(i)), whose
+optimum under a KL penalty beta to that reference is the group's distribution itself (align.py); a
+whole answer distribution earns 1 − JS distance to the prediction (`metrics.alignment`).
 Several groups are combined by `mean`, `min` or `adaptive` (see `GroupAggregator`), and
 `make_trl_reward` wraps it all as a reward function for TRL's trainers.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ from .results import load_checkpoint
 from .training import predict
 
 AGGREGATES = ("mean", "min", "adaptive")
+_TINY = 1e-12  # floor of a probability inside a log-ratio reward
 REQUIRED_METADATA = ("model_config", "embedder", "embedding_dim", "prompt_format")
 
 
@@ -300,17 +304,31 @@ class GroupReward:
     """Rewards for several groups at once, aggregated; the callable is a TRL reward function.
 
     `predictions` maps group -> question key -> predicted distribution (see `make_trl_reward`).
-    An unparsable completion earns `unparsable_reward` from every group, is counted in
-    `unparsable`, and does not move the adaptive weights (nothing was learnt about any group).
+    Without a `reference` a choice c earns p_g(c); with one (question key -> the reference policy's
+    answer distribution) it earns beta·log(p_g(c) / reference(c)): maximising that minus
+    beta·KL(policy || reference) gives the policy p_g, where p_g(c) alone would pull it onto the
+    group's most likely option. An unparsable completion earns `unparsable_reward` from every group,
+    is counted in `unparsable`, and does not move the adaptive weights (nothing was learnt about any group).
+    With `neutral_in_groups_of` = TRL's num_generations it earns instead what its prompt's parsed
+    completions earn on average (`neutral_unparsable`), so GRPO learns nothing from it.
     """
 
     __name__ = "group_reward"  # TRL logs a reward under its function's name
 
     def __init__(self, questions: Mapping[str, Question], predictions: Mapping[str, Mapping[str, np.ndarray]],
                  aggregator: GroupAggregator, unparsable_reward: float = 0.0,
-                 question_column: str = "question") -> None:
+                 question_column: str = "question", reference: Mapping[str, np.ndarray] | None = None,
+                 beta: float = 1.0, neutral_in_groups_of: int = 0) -> None:
+        if reference is not None:
+            if not beta > 0:
+                raise RewardModelError(f"the log-ratio reward needs beta > 0 (the KL penalty's weight), got {beta}")
+            absent = sorted(set(questions) - set(reference))
+            if absent:
+                raise RewardModelError(f"the reference has no distribution for questions {absent[:5]}")
         self.questions, self.predictions, self.aggregator = dict(questions), predictions, aggregator
         self.unparsable_reward, self.question_column = float(unparsable_reward), question_column
+        self.reference, self.beta = reference, float(beta)
+        self.neutral_in_groups_of = neutral_in_groups_of
         self.unparsable = 0   # completions seen whose choice could not be parsed
         self.scored = 0       # completions seen in all
 
@@ -325,6 +343,8 @@ class GroupReward:
             raise RewardModelError(f"{len(completions)} completions but {len(keys)} question keys")
         choices = [parse_choice(_completion_text(c), self._question(k).options) for k, c in zip(keys, completions)]
         rewards, per_group = self.choice_rewards(keys, choices)
+        if self.neutral_in_groups_of:
+            rewards = neutral_unparsable(rewards, [c is not None for c in choices], self.neutral_in_groups_of)
         if "log_metric" in kwargs:  # TRL >= 1.x: extra scalars beside its own metrics
             for g, value in zip(self.aggregator.groups, per_group.mean(axis=0)):
                 kwargs["log_metric"](f"group_reward/{g}", float(value))
@@ -333,12 +353,20 @@ class GroupReward:
 
     def choice_rewards(self, keys: Sequence[str], choices: Sequence[int | None]) -> tuple[np.ndarray, np.ndarray]:
         """(aggregated reward per sample, per-group rewards [samples, groups]) for chosen option indices."""
-        per_group = np.array([[self._predicted(g, k)[c] if c is not None else self.unparsable_reward
+        per_group = np.array([[self.option_reward(g, k, c) if c is not None else self.unparsable_reward
                                for g in self.aggregator.groups] for k, c in zip(keys, choices)])
         parsed = np.array([c is not None for c in choices], bool)
         self.scored += len(choices)
         self.unparsable += int((~parsed).sum())
         return self._aggregate(per_group, parsed)
+
+    def option_reward(self, group: str, key: str, choice: int) -> float:
+        """One group's reward for picking option `choice` of question `key` (see the class docstring)."""
+        p = float(self._predicted(group, key)[choice])
+        if self.reference is None:
+            return p
+        ref = float(self.reference[key][choice])
+        return self.beta * (math.log(max(p, _TINY)) - math.log(max(ref, _TINY)))
 
     def distribution_rewards(self, keys: Sequence[str],
                              distributions: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -367,6 +395,21 @@ class GroupReward:
         return self.predictions[group][key]
 
 
+def neutral_unparsable(rewards: np.ndarray, parsed: Sequence[bool], group_size: int) -> np.ndarray:
+    """Rewards where each unparsable sample earns the mean reward of the parsed samples of its block of
+    `group_size` consecutive samples (TRL's completions of one prompt; 0 where none parsed). Its GRPO
+    advantage (reward minus the block's mean) is then 0: it neither pushes its answer down nor anything
+    up. A fixed low reward would push that answer down for every question, also where it is an option
+    (a letter beyond a 2-option question's B is a valid C of a 3-option one)."""
+    rewards, parsed = np.asarray(rewards, np.float64).copy(), np.asarray(parsed, bool)
+    if len(rewards) % group_size:
+        raise RewardModelError(f"{len(rewards)} samples do not fall into blocks of {group_size} completions per prompt")
+    for start in range(0, len(rewards), group_size):
+        block, ok = rewards[start:start + group_size], parsed[start:start + group_size]
+        block[~ok] = block[ok].mean() if ok.any() else 0.0  # a view: writes into `rewards`
+    return rewards
+
+
 def _completion_text(completion) -> str:
     """A standard completion is a string; a conversational one a list of messages (the last is the answer)."""
     if isinstance(completion, str):
@@ -379,19 +422,22 @@ def _completion_text(completion) -> str:
 
 def make_trl_reward(model: GroupRewardModel, contexts: Sequence[GroupContext], questions: Sequence[Question], *,
                     aggregate: str = "mean", temperature: float = 0.05, momentum: float = 0.9,
-                    unparsable_reward: float = 0.0, question_column: str = "question") -> GroupReward:
+                    unparsable_reward: float = 0.0, question_column: str = "question",
+                    reference: Mapping[str, np.ndarray] | None = None, beta: float = 1.0) -> GroupReward:
     """A reward function for TRL (e.g. `GRPOTrainer(reward_funcs=[make_trl_reward(...)])`).
 
     Every group's distribution on every question is predicted once, here, so training never waits
     on the embedder. The dataset needs a `question` column holding each prompt's `Question.key`
-    (`format_question` gives a matching prompt)."""
+    (`format_question` gives a matching prompt). `reference` and `beta`: the log-ratio reward
+    (`GroupReward`), for a trainer whose KL coefficient is the same beta."""
     keys = [q.key for q in questions]
     if not keys or len(set(keys)) != len(keys):
         raise RewardModelError(f"questions need distinct keys (they name each prompt's question), got {keys[:10]}")
     aggregator = GroupAggregator([c.name for c in contexts], aggregate, temperature, momentum)
     predicted = model.predict_groups(contexts, questions)
     predictions = {g: dict(zip(keys, dists)) for g, dists in predicted.items()}
-    return GroupReward(dict(zip(keys, questions)), predictions, aggregator, unparsable_reward, question_column)
+    return GroupReward(dict(zip(keys, questions)), predictions, aggregator, unparsable_reward, question_column,
+                       reference, beta)
 
 
 # ----------------------------------------------------------------------------- files and the CLI

@@ -1,0 +1,122 @@
+"""Does GRPO with the group reward steer a language model toward a group, toward the right one, and
+does the aggregation rule protect the worst group? Prints Markdown tables and writes a figure.
+
+Runs (each an ordinary `pluralllm align` output folder under --out, reused when its align.json exists):
+- pair: the policy aligned to each of two groups alone (default Democrat, Republican), each LM measured
+  on both groups. Reports each LM's gain over the base LM on its own target, and on the questions where
+  the two groups differ most (largest JS distance between their true answers) its alignment to its own
+  target against the other group.
+- aggregation: the policy aligned to 3+ groups at once under mean, min and adaptive aggregation;
+  reports the mean and the worst group's alignment before and after.
+
+    .venv/bin/python benchmarks/align_groups.py --run runs/align/predictor [--seeds 0,1,2] [--steps 60]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pluralllm_flwr.align import ALIGN_FILE, AlignSettings, align, alignment_task, checkpoint_of  # noqa: E402
+from pluralllm_flwr.align_report import write_align_report  # noqa: E402
+from pluralllm_flwr.metrics import alignments  # noqa: E402
+from pluralllm_flwr.reward import GroupRewardModel  # noqa: E402
+
+
+def run_once(args, name: str, groups: list[str], measure: list[str], aggregate: str, seed: int) -> dict:
+    out = Path(args.out) / name / f"seed-{seed}"
+    task = alignment_task(args.run, groups, args.context, args.questions, seed, measure_also=measure)
+    if not (out / ALIGN_FILE).is_file():
+        settings = AlignSettings(steps=args.steps, beta=args.beta, learning_rate=args.lr, aggregate=aggregate,
+                                 seed=seed, eval_every=args.eval_every)
+        model = GroupRewardModel.from_checkpoint(checkpoint_of(args.run), cache_dir=args.cache_dir or None)
+        align(task, model, args.policy, settings, out, run=args.run, cache_dir=args.cache_dir or None)
+        write_align_report(out)
+    return {"result": json.loads((out / ALIGN_FILE).read_text()), "task": task}
+
+
+def mean_sd(values) -> str:
+    values = np.asarray(values, float)
+    return f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.4f}"
+
+
+def pair(args, seeds: list[int]) -> list[str]:
+    a, b = args.pair.split(",")
+    rows, own_wins = [], []
+    lines = [f"### Aligned to {a} or to {b} ({len(seeds)} seeds)", "",
+             f"Gain: alignment to its own target after GRPO minus the base LM's. On the {args.differ} questions where "
+             f"{a} and {b} differ most: the aligned LM's alignment to its target and to the other group.", "",
+             "| aligned to | gain on its target | own target (differing questions) | other group (differing questions) |",
+             "|---|---|---|---|"]
+    for target, other in ((a, b), (b, a)):
+        gains, own, against = [], [], []
+        for seed in seeds:
+            done = run_once(args, f"pair/{target}", [target], [other], "mean", seed)
+            result, task = done["result"], done["task"]
+            before, after = result["history"][0], result["history"][-1]
+            gains.append(after["per_group"][target] - before["per_group"][target])
+            distance = 1 - alignments(task.truth[target], task.truth[other])
+            differ = np.argsort(-distance)[:args.differ]
+            opinions = [np.asarray(after["opinions"][i]) for i in differ]
+            own.append(float(np.mean(alignments(opinions, [task.truth[target][i] for i in differ]))))
+            against.append(float(np.mean(alignments(opinions, [task.truth[other][i] for i in differ]))))
+        own_wins.append(all(o > x for o, x in zip(own, against)))
+        rows.append({"target": target, "gain": gains, "own": own, "other": against})
+        lines.append(f"| {target} | {mean_sd(gains)} | {mean_sd(own)} | {mean_sd(against)} |")
+    verdict = "holds in every seed" if all(own_wins) else "does not hold in every seed"
+    lines += ["", f"Each LM closer to its own target than to the other group on the differing questions: {verdict}.", ""]
+    return lines
+
+
+def aggregation(args, seeds: list[int]) -> list[str]:
+    groups = args.groups.split(",")
+    lines = [f"### Aggregation over {', '.join(groups)} ({len(seeds)} seeds)", "",
+             "| aggregation | mean before | mean after | worst group before | worst group after |", "|---|---|---|---|---|"]
+    worst = {}
+    for aggregate in ("mean", "min", "adaptive"):
+        results = [run_once(args, f"aggregation/{aggregate}", groups, [], aggregate, s)["result"] for s in seeds]
+        first, last = [r["history"][0] for r in results], [r["history"][-1] for r in results]
+        worst[aggregate] = [h["worst"] for h in last]
+        lines.append(f"| {aggregate} | {mean_sd([h['mean'] for h in first])} | {mean_sd([h['mean'] for h in last])} | "
+                     f"{mean_sd([h['worst'] for h in first])} | {mean_sd(worst[aggregate])} |")
+    better = [a for a in ("min", "adaptive") if np.mean(worst[a]) > np.mean(worst["mean"])]
+    lines += ["", ("Worst group higher than under mean aggregation (mean over seeds): " + ", ".join(better)) if better
+              else "Neither min nor adaptive aggregation gives a higher worst group than mean aggregation.", ""]
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a training run with heldout-questions > 0 (make align trains one)")
+    p.add_argument("--pair", default="Democrat,Republican")
+    p.add_argument("--groups", default="Democrat,Republican,Liberal", help="3+ groups for the aggregation runs")
+    p.add_argument("--experiments", default="pair,aggregation")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=AlignSettings.steps)
+    p.add_argument("--beta", type=float, default=AlignSettings.beta)
+    p.add_argument("--lr", type=float, default=AlignSettings.learning_rate)
+    p.add_argument("--eval-every", type=int, default=AlignSettings.eval_every)
+    p.add_argument("--context", type=int, default=20)
+    p.add_argument("--questions", type=int, default=0, help="a seeded subset of the unseen questions (0 = all)")
+    p.add_argument("--differ", type=int, default=20, help="the pair's most differing questions")
+    p.add_argument("--policy", default="smollm2")
+    p.add_argument("--cache-dir", default="")
+    p.add_argument("--out", default="runs/align/benchmark")
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    experiments = {"pair": pair, "aggregation": aggregation}
+    chosen = args.experiments.split(",")
+    if set(chosen) - set(experiments):
+        p.error(f"--experiments: unknown {sorted(set(chosen) - set(experiments))}; choose from {list(experiments)}")
+    lines = []
+    for name in chosen:
+        lines += experiments[name](args, seeds)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

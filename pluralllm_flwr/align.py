@@ -1,0 +1,337 @@
+"""`pluralllm align`: steer a language model toward groups' opinions with GRPO, the trained predictor
+as the reward model (PluralLLM's open question 2).
+
+The LM's opinion on a multiple-choice question is its next-token distribution over the question's
+option letters after `reward.format_question`'s prompt, renormalised over those letters: how OpinionQA
+and GlobalOpinionQA measure an LM's opinions. Its alignment to a group is 1 − JS distance to the group's
+true answers. Only the evaluation reads those; training sees the predictor's rewards alone.
+
+The reward (`reward.GroupReward` with a reference): a completion that picks option c earns from group g
+
+    r_g(c) = beta · log(p_g(c) / pi_ref(c)),
+
+with p_g the predictor's prediction from the group's context answers and pi_ref the LM's opinion before
+training. GRPO (TRL, with the same beta as its KL coefficient and unscaled advantages) maximises
+E_pi[r] − beta·KL(pi || pi_ref), whose maximiser is pi ∝ pi_ref·exp(r/beta) = p_g (`kl_optimum`): the
+policy moves toward the group's distribution instead of collapsing onto its likeliest option, which a
+reward of p_g(c) alone would do. Several groups' rewards are combined by `reward.GroupAggregator`: under
+`mean` the optimum is the normalised geometric mean of the p_g, under `min` their normalised pointwise
+minimum; `adaptive` moves weight to the groups served worst so far.
+
+Generation is restricted to the letters A..(the most options of any question); a letter beyond its own
+question's options teaches nothing (`reward.neutral_unparsable`). Only the
+last `trainable_layers` blocks of the LM learn (embeddings and earlier blocks stay frozen): on a CPU
+that keeps a step to seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .data import Question, seeded_rng
+from .embeddings import LETTERS, _default_cache_dir, _resolve_model
+from .experiment import prepare_experiment
+from .metrics import alignments
+from .results import BEST_CHECKPOINT, load_results
+from .reward import GroupAggregator, GroupContext, GroupReward, GroupRewardModel, format_question
+
+ALIGN_FILE = "align.json"
+
+
+class AlignError(ValueError):
+    """A run, group, policy or setting `pluralllm align` cannot use; says which and why."""
+
+
+@dataclass(frozen=True)
+class AlignSettings:
+    """GRPO's settings (`pluralllm align`'s options)."""
+
+    steps: int = 60                 # GRPO steps
+    beta: float = 0.1               # the KL coefficient, and the log-ratio reward's scale
+    learning_rate: float = 1e-4
+    generations: int = 8            # completions per prompt (GRPO's group)
+    prompts_per_step: int = 2
+    trainable_layers: int = 2       # the LM's last blocks that learn; 0 = every parameter
+    eval_every: int = 20            # steps between measurements of the LM's opinions
+    aggregate: str = "mean"         # reward.AGGREGATES
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "generations", "prompts_per_step", "eval_every"):
+            if getattr(self, name) < 1:
+                raise AlignError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.generations < 2:
+            raise AlignError(f"generations must be at least 2 (GRPO compares a prompt's completions), got "
+                             f"{self.generations}")
+        if not self.beta > 0 or not self.learning_rate > 0 or self.trainable_layers < 0:
+            raise AlignError(f"beta ({self.beta}) and learning-rate ({self.learning_rate}) must be > 0 and "
+                             f"trainable-layers ({self.trainable_layers}) >= 0")
+
+
+def kl_optimum(reference: np.ndarray, rewards: np.ndarray, beta: float) -> np.ndarray:
+    """argmax over distributions pi of E_pi[r] − beta·KL(pi || reference): pi ∝ reference·exp(r / beta)."""
+    z = np.log(np.clip(np.asarray(reference, np.float64), 1e-12, None)) + np.asarray(rewards, np.float64) / beta
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+# ----------------------------------------------------------------------------- what to align to
+
+
+@dataclass
+class AlignmentTask:
+    """The questions to align on (none of them trained on by the predictor), the context answers of
+    each group aligned to (what the reward model sees) and the true answers of every measured group
+    (those, and any others named to be measured; only the evaluation reads them)."""
+
+    questions: list[Question]
+    contexts: list[GroupContext]
+    truth: dict[str, list[np.ndarray]]
+
+    @property
+    def groups(self) -> list[str]:
+        """The groups aligned to."""
+        return [c.name for c in self.contexts]
+
+
+def alignment_task(run: str | Path, groups: Sequence[str], context: int = 20, max_questions: int = 0,
+                   seed: int = 0, measure_also: Sequence[str] = ()) -> AlignmentTask:
+    """From a training run trained with heldout-questions > 0: its unseen questions that every group
+    (aligned to or `measure_also`) answered (a seeded `max_questions` of them, 0 = all), and per group
+    aligned to, `context` seeded questions of its seen ones with its answers."""
+    results = load_results(run)
+    cfg = RunConfig.from_mapping(results["config"])
+    if cfg.heldout_questions <= 0:
+        raise AlignError(f"{run}: trained with heldout-questions=0, so the predictor trained on every question; "
+                         "align on questions it never saw: train with e.g. -c 'heldout-questions=0.1'")
+    if not groups or len(set(groups)) != len(groups):
+        raise AlignError(f"name one or more distinct groups to align to, got {list(groups)}")
+    measured = list(groups) + [g for g in dict.fromkeys(measure_also) if g not in groups]
+    exp = prepare_experiment(cfg, progress=False)
+    unknown = [g for g in measured if g not in exp.data.answers]
+    if unknown:
+        raise AlignError(f"{run}: no group {unknown} in its data; it has {sorted(exp.data.answers)}")
+    common = sorted(set.intersection(*(set(exp.question_ids(g, "unseen")) for g in measured)))
+    if not common:
+        raise AlignError(f"{run}: the groups {measured} answered no unseen question in common")
+    if 0 < max_questions < len(common):
+        common = sorted(seeded_rng(seed, "align-questions").choice(common, max_questions, replace=False).tolist())
+    contexts = []
+    for g in groups:
+        seen = exp.question_ids(g, "seen")
+        picked = sorted(seeded_rng(seed, "align-context", g).choice(len(seen), min(context, len(seen)), replace=False))
+        contexts.append(GroupContext(g, [(exp.data.questions[seen[i]], exp.data.answers[g][seen[i]]) for i in picked]))
+    return AlignmentTask([exp.data.questions[i] for i in common], contexts,
+                         {g: [exp.data.answers[g][i] for i in common] for g in measured})
+
+
+# ----------------------------------------------------------------------------- the policy
+
+
+def policy_folder(policy: str, cache_dir: str | Path | None = None) -> str:
+    """A folder or hub id that `from_pretrained` loads, and TRL with it the reference model. A GGUF file
+    (the built-in 'smollm2') cannot be saved as it is loaded: it is dequantised once into the cache."""
+    source = _resolve_model(policy)
+    if source.gguf_file is None:
+        return source.path
+    digest = hashlib.sha256(json.dumps(source.identity, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
+    folder = folder / "policies" / digest
+    if not (folder / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; a plain copy does not
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(loaded.state_dict())
+        scratch = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(scratch, ignore_errors=True)
+        plain.save_pretrained(scratch)
+        tok.save_pretrained(scratch)
+        scratch.rename(folder)
+    return str(folder)
+
+
+def load_policy(folder: str):
+    """(model, tokenizer) of a causal LM, in float32, evaluation mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise AlignError(f"cannot load a causal LM from {folder}: {str(exc).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.eval(), tok
+
+
+def letter_tokens(tok, n: int) -> list[int]:
+    """The token of each letter A, B, ... (n of them) as it follows "Answer:": " A" where each is one
+    token, else "A"."""
+    for prefix in (" ", ""):
+        ids = [tok.encode(prefix + letter, add_special_tokens=False) for letter in LETTERS[:n]]
+        if all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == n:
+            return [i[0] for i in ids]
+    raise AlignError(f"the policy's tokenizer does not encode the letters A..{LETTERS[n - 1]} as distinct single "
+                     "tokens, so its opinion cannot be read from one next token")
+
+
+@torch.no_grad()
+def lm_opinions(model, tok, questions: Sequence[Question], letters: Sequence[int],
+                batch_size: int = 8) -> tuple[list[np.ndarray], float]:
+    """The LM's answer distribution on each question (its next-token probabilities of the option
+    letters, renormalised over them), and the mean share of the next token's probability that falls
+    on those letters (how well the LM follows the format)."""
+    side, tok.padding_side = tok.padding_side, "right"  # positions stay those of the unpadded prompt
+    opinions, mass = [], []
+    try:
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start:start + batch_size]
+            enc = tok([format_question(q) for q in chunk], return_tensors="pt", padding=True).to(model.device)
+            hidden = model.get_decoder()(**enc).last_hidden_state
+            last = enc["attention_mask"].sum(1) - 1
+            logits = model.get_output_embeddings()(hidden[torch.arange(len(chunk)), last]).double()
+            full = torch.softmax(logits, -1)
+            for row, q in zip(full, chunk):
+                on_letters = row[list(letters[:len(q.options)])]
+                mass.append(float(on_letters.sum()))
+                opinions.append((on_letters / on_letters.sum()).cpu().numpy())
+    finally:
+        tok.padding_side = side
+    return opinions, float(np.mean(mass))
+
+
+def measure(model, tok, task: AlignmentTask, letters: Sequence[int],
+            predicted: dict[str, list[np.ndarray]]) -> dict:
+    """The LM's alignment to each measured group's true answers; the mean and the worst over the groups
+    aligned to; its alignment to the predictor's prediction for each of those (what the reward pulls
+    toward), its letter mass and its opinions themselves."""
+    opinions, mass = lm_opinions(model, tok, task.questions, letters)
+    per_group = {g: float(np.mean(alignments(opinions, truth))) for g, truth in task.truth.items()}
+    worst = min(task.groups, key=per_group.get)
+    return {"per_group": per_group, "mean": float(np.mean([per_group[g] for g in task.groups])), "worst_group": worst,
+            "worst": per_group[worst], "letter_mass": mass,
+            "to_prediction": {g: float(np.mean(alignments(opinions, p))) for g, p in predicted.items()},
+            "opinions": [o.round(6).tolist() for o in opinions]}
+
+
+def _freeze_all_but_last(model, layers: int) -> int:
+    """Freeze every parameter but those of the last `layers` blocks and the final norm (0: train all);
+    returns the number of trainable parameters."""
+    if layers:
+        blocks = model.get_decoder().layers
+        if layers > len(blocks):
+            raise AlignError(f"trainable-layers={layers}, but the policy has {len(blocks)} blocks")
+        model.requires_grad_(False)
+        for block in blocks[-layers:]:
+            block.requires_grad_(True)
+        model.get_decoder().norm.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+@dataclass
+class Alignment:
+    """What `align` measured: the LM's alignment before, along and after GRPO, and the targets'."""
+
+    settings: dict
+    policy: str
+    run: str
+    groups: list[str]
+    questions: list[str]
+    targets: dict[str, float]                       # the predictor's p_g against the group's truth
+    history: list[dict] = field(default_factory=list)  # {"step", **measure(...)}, step 0 = before
+    trainable_parameters: int = 0
+    seconds: float = 0.0
+
+    @property
+    def before(self) -> dict:
+        return self.history[0]
+
+    @property
+    def after(self) -> dict:
+        return self.history[-1]
+
+
+def align(task: AlignmentTask, reward_model: GroupRewardModel, policy: str, settings: AlignSettings, out: Path,
+          run: str = "", cache_dir: str | Path | None = None, echo=print) -> Alignment:
+    """GRPO on `task.questions` with the log-ratio group reward; the LM's opinions are measured before,
+    every `eval_every` steps and after. Writes <out>/align.json."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    folder = policy_folder(policy, cache_dir)
+    model, tok = load_policy(folder)
+    n_letters = max(len(q.options) for q in task.questions)
+    letters = letter_tokens(tok, n_letters)
+    keys = [q.key for q in task.questions]
+    predicted = reward_model.predict_groups(task.contexts, task.questions)
+    reference, _ = lm_opinions(model, tok, task.questions, letters)
+    # a letter beyond a question's options is the only unparsable answer: GRPO ignores it (reward.neutral_unparsable)
+    reward = GroupReward(dict(zip(keys, task.questions)), {g: dict(zip(keys, p)) for g, p in predicted.items()},
+                         GroupAggregator(task.groups, settings.aggregate), question_column="question",
+                         reference=dict(zip(keys, reference)), beta=settings.beta,
+                         neutral_in_groups_of=settings.generations)
+    result = Alignment(asdict(settings), policy, str(run), task.groups, keys,
+                       {g: float(np.mean(alignments(predicted[g], task.truth[g]))) for g in task.groups})
+    result.trainable_parameters = _freeze_all_but_last(model, settings.trainable_layers)
+
+    def record(step: int) -> None:
+        model.eval()
+        result.history.append({"step": step, **measure(model, tok, task, letters, predicted)})
+        h = result.history[-1]
+        echo(f"align: step {step}: alignment " + ", ".join(f"{g} {v:.4f}" for g, v in h["per_group"].items())
+             + f"; worst {h['worst']:.4f}; letter mass {h['letter_mass']:.2f}")
+
+    class Measure(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % settings.eval_every == 0 or state.global_step == settings.steps:
+                record(state.global_step)
+                model.train()
+
+    record(0)
+    dataset = Dataset.from_dict({"prompt": [format_question(q) for q in task.questions], "question": keys})
+    others = sorted(set(range(len(tok))) - set(letters))
+    args = GRPOConfig(output_dir=str(out / "grpo"), max_steps=settings.steps, learning_rate=settings.learning_rate,
+                      per_device_train_batch_size=settings.generations * settings.prompts_per_step,
+                      num_generations=settings.generations, max_completion_length=1, beta=settings.beta,
+                      scale_rewards="none", temperature=1.0, generation_kwargs={"suppress_tokens": others},
+                      logging_steps=1, report_to="none", use_cpu=not torch.cuda.is_available(), save_strategy="no",
+                      seed=settings.seed, data_seed=settings.seed, dataloader_num_workers=0, disable_dropout=True,
+                      activation_checkpointing=False)  # one-token completions need no memory saving; and
+    # checkpointed blocks behind frozen ones would get no gradient
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tok,
+                          callbacks=[Measure()])
+    trainer.train()
+    result.seconds = round(time.perf_counter() - started, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ALIGN_FILE).write_text(json.dumps({**asdict(result), "unparsable": reward.unparsable,
+                                              "scored": reward.scored}, indent=1))
+    shutil.rmtree(out / "grpo", ignore_errors=True)  # TRL's scratch (no checkpoints are saved)
+    return result
+
+
+def checkpoint_of(run: str | Path) -> Path:
+    path = Path(run) / BEST_CHECKPOINT
+    if not path.is_file():
+        raise AlignError(f"{run}: no {BEST_CHECKPOINT}; pass a training run's directory (pluralllm simulate / "
+                         "centralized)")
+    return path

@@ -1,0 +1,192 @@
+"""`pluralllm align`: the log-ratio reward's optimum on a toy case, the LM's opinion, and GRPO end to end
+on a tiny LM built in code."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+from scipy.special import softmax
+
+from pluralllm_flwr.align import (ALIGN_FILE, AlignError, AlignSettings, alignment_task, kl_optimum, letter_tokens,
+                                  lm_opinions, load_policy)
+from pluralllm_flwr.centralized import train_centralized
+from pluralllm_flwr.cli import main
+from pluralllm_flwr.config import RunConfig
+from pluralllm_flwr.data import Question
+from pluralllm_flwr.metrics import alignment
+from pluralllm_flwr.reward import GroupAggregator, GroupReward, RewardModelError, format_question, neutral_unparsable
+
+from .conftest import TINY_RUN, tiny_causal_lm
+
+QUESTION = Question("q", "How much?", ("A lot", "Some", "Not at all"))
+REFERENCE = np.array([0.7, 0.2, 0.1])  # the policy before training
+GROUPS = {"Dem": np.array([0.2, 0.3, 0.5]), "Rep": np.array([0.6, 0.3, 0.1])}
+BETA = 0.1
+
+
+def option_rewards(groups: list[str], aggregate: str = "mean", reference=REFERENCE) -> np.ndarray:
+    """The aggregated reward of each option, from the reward code itself."""
+    reward = GroupReward({"q": QUESTION}, {g: {"q": GROUPS[g]} for g in groups}, GroupAggregator(groups, aggregate),
+                         reference=None if reference is None else {"q": reference}, beta=BETA)
+    return reward.choice_rewards(["q"] * 3, [0, 1, 2])[0]
+
+
+def best_policy(rewards: np.ndarray) -> np.ndarray:
+    """argmax over answer distributions of E_pi[r] − beta·KL(pi || reference), found numerically."""
+    def loss(logits):
+        pi = softmax(logits)
+        return -(pi @ rewards - BETA * np.sum(pi * np.log(pi / REFERENCE)))
+    return softmax(minimize(loss, np.zeros(3), method="BFGS", options={"gtol": 1e-12}).x)
+
+
+def test_under_the_kl_penalty_the_log_ratio_reward_is_best_answered_with_the_groups_distribution():
+    rewards = option_rewards(["Dem"])
+    np.testing.assert_allclose(rewards, BETA * np.log(GROUPS["Dem"] / REFERENCE))
+    np.testing.assert_allclose(best_policy(rewards), GROUPS["Dem"], atol=1e-5)
+    np.testing.assert_allclose(kl_optimum(REFERENCE, rewards, BETA), GROUPS["Dem"], atol=1e-12)
+    # the probability reward p_g(c) is best answered far from the group: toward its likeliest option
+    plain = best_policy(option_rewards(["Dem"], reference=None))
+    assert plain[2] > GROUPS["Dem"][2] + 0.1 and alignment(plain, GROUPS["Dem"]) < alignment(GROUPS["Dem"], GROUPS["Dem"]) - 0.05
+
+
+@pytest.mark.parametrize("aggregate, expected", [
+    ("mean", np.sqrt(GROUPS["Dem"] * GROUPS["Rep"])),     # the groups' geometric mean
+    ("min", np.minimum(GROUPS["Dem"], GROUPS["Rep"])),   # their pointwise minimum
+])
+def test_several_groups_optimum(aggregate, expected):
+    np.testing.assert_allclose(best_policy(option_rewards(["Dem", "Rep"], aggregate)), expected / expected.sum(),
+                               atol=1e-5)
+
+
+def test_a_letter_beyond_the_questions_options_gets_no_grpo_advantage():
+    rewards = np.array([0.3, -0.1, 9.0, 0.5, 1.0, 2.0])  # two prompts' completions, three each
+    parsed = [True, True, False, False, False, True]
+    neutral = neutral_unparsable(rewards, parsed, group_size=3)
+    np.testing.assert_allclose(neutral, [0.3, -0.1, 0.1, 2.0, 2.0, 2.0])
+    advantage = neutral - np.repeat(neutral.reshape(2, 3).mean(1), 3)  # GRPO's: minus its prompt's mean
+    assert advantage[2] == 0 and np.all(advantage[3:] == 0)
+    assert advantage[0] == pytest.approx(0.3 - 0.1) and advantage[1] == pytest.approx(-0.1 - 0.1)  # as without it
+    with pytest.raises(RewardModelError, match="blocks of 4"):
+        neutral_unparsable(rewards, parsed, group_size=4)
+
+
+def test_the_log_ratio_reward_refuses_a_bad_beta_or_a_missing_reference():
+    with pytest.raises(RewardModelError, match="beta > 0"):
+        GroupReward({"q": QUESTION}, {"Dem": {"q": GROUPS["Dem"]}}, GroupAggregator(["Dem"]), reference={"q": REFERENCE},
+                    beta=0.0)
+    with pytest.raises(RewardModelError, match=r"no distribution for questions \['q'\]"):
+        GroupReward({"q": QUESTION}, {"Dem": {"q": GROUPS["Dem"]}}, GroupAggregator(["Dem"]), reference={})
+    with pytest.raises(AlignError, match="generations must be at least 2"):
+        AlignSettings(generations=1)
+
+
+# ----------------------------------------------------------------------------- the LM's opinion
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A tiny Llama that answers "A" to most questions (a few steps of fitting), saved as a local folder,
+    as `pluralllm align --policy FOLDER` takes it: an opinionated LM, far from any group's answers."""
+    prompts = [format_question(Question(f"k{i}", f"Synthetic survey question number {i}: how do you feel about topic "
+                                        f"{i}?", tuple(f"Option {c} for topic {i}" for c in "ABC"))) for i in range(8)]
+    model, tok = tiny_causal_lm([p + " A" for p in prompts] + [" A", " B", " C", " D"], vocab_size=300)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = tok([p + " A" for p in prompts], return_tensors="pt")  # the same length: no padding
+    for _ in range(15):
+        optimizer.zero_grad()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+    folder = tmp_path_factory.mktemp("policy")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_the_lms_opinion_is_its_next_token_distribution_over_the_option_letters(policy):
+    model, tok = load_policy(str(policy))
+    questions = [Question("a", "Short?", ("Yes", "No")),
+                 Question("b", "A much longer question that pads the other one?", ("A lot", "Some", "None", "Other"))]
+    letters = letter_tokens(tok, 4)
+    opinions, mass = lm_opinions(model, tok, questions, letters)
+    assert [len(o) for o in opinions] == [2, 4] and all(abs(o.sum() - 1) < 1e-9 for o in opinions)
+    assert 0 < mass <= 1
+    for q, batched in zip(questions, opinions):  # padding in a batch changes nothing
+        alone, _ = lm_opinions(model, tok, [q], letters)
+        np.testing.assert_allclose(alone[0], batched, atol=1e-5)
+    with torch.no_grad():  # the same as the full model's last logits, renormalised over the letters
+        logits = model(**tok(format_question(questions[1]), return_tensors="pt")).logits[0, -1]
+    np.testing.assert_allclose(softmax(logits[letters].double().numpy()), opinions[1], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def unseen_run(tiny_paths, tmp_path_factory):
+    """A tiny predictor trained with a quarter of the questions held out from every group."""
+    out = tmp_path_factory.mktemp("align_run")
+    train_centralized(RunConfig.from_mapping({**TINY_RUN, **tiny_paths, "out-dir": str(out),
+                                              "heldout-questions": 0.25}), progress=False)
+    return out
+
+
+def test_the_task_is_the_unseen_questions_and_refuses_a_run_without_them(unseen_run, tiny_paths, tmp_path):
+    task = alignment_task(unseen_run, ["G0", "G4"], context=5, seed=0)
+    assert len(task.questions) == 10 and all(len(c.answers) == 5 for c in task.contexts)
+    assert not {q.key for q in task.questions} & {q.key for c in task.contexts for q, _ in c.answers}
+    with pytest.raises(AlignError, match=r"no group \['Nowhere'\]"):
+        alignment_task(unseen_run, ["G0", "Nowhere"])
+    seen_all = tmp_path / "seen_all"
+    train_centralized(RunConfig.from_mapping({**TINY_RUN, **tiny_paths, "out-dir": str(seen_all),
+                                              "num-server-rounds": 1}), progress=False)
+    with pytest.raises(AlignError, match="heldout-questions=0"):
+        alignment_task(seen_all, ["G0"])
+
+
+def test_grpo_moves_a_tiny_lm_toward_the_group_and_reports_it(unseen_run, policy, tiny_paths, tmp_path, capsys,
+                                                              monkeypatch):
+    from pluralllm_flwr import align as align_module
+    from pluralllm_flwr.reward import GroupRewardModel
+
+    loaded = []
+
+    def keep(folder):  # the policy GRPO trains, to compare with its initial weights afterwards
+        loaded.append(load_policy(folder))
+        return loaded[-1]
+    monkeypatch.setattr(align_module, "load_policy", keep)
+
+    def decided(self, contexts, questions):  # sure the group answers A: far from the LM, and the same
+        # target on every question (a tiny LM cannot tell how many options a question has)
+        return {c.name: [np.eye(len(q.options))[0] * 0.8 + 0.2 / len(q.options) for q in questions] for c in contexts}
+    monkeypatch.setattr(GroupRewardModel, "predict_groups", decided)
+    initial, _ = load_policy(str(policy))
+    out = tmp_path / "align"
+    assert main(["align", "--run", str(unseen_run), "--groups", "G0", "--policy", str(policy), "--steps", "12",
+                 "--eval-every", "6", "--generations", "4", "--prompts-per-step", "4", "--lr", "0.01",
+                 "--trainable-layers", "1", "--context", "5", "--measure", "G4", "--cache-dir", tiny_paths["cache-dir"],
+                 "--out", str(out)]) == 0
+    trained = dict(loaded[0][0].named_parameters())
+    changed = {name for name, p in initial.named_parameters() if not torch.equal(p, trained[name])}
+    assert changed and all(name.startswith(("model.layers.1.", "model.norm")) for name in changed)  # the last block
+    result = json.loads((out / ALIGN_FILE).read_text())
+    assert [h["step"] for h in result["history"]] == [0, 6, 12]
+    report = (out / "report.md").read_text()
+    assert "| G0 |" in report and "| G4 (measured only) | – |" in report and "worst group" in report
+    assert (out / "alignment.png").stat().st_size > 5000
+    assert "align: step 12" in capsys.readouterr().out
+
+    # every block learning, the policy moves toward what the reward asks: the predictor's distribution
+    out = tmp_path / "align-all"
+    assert main(["align", "--run", str(unseen_run), "--groups", "G0", "--policy", str(policy), "--steps", "12",
+                 "--eval-every", "12", "--generations", "4", "--prompts-per-step", "4", "--lr", "0.03",
+                 "--trainable-layers", "0", "--context", "5", "--measure", "G4", "--cache-dir", tiny_paths["cache-dir"],
+                 "--out", str(out)]) == 0
+    result = json.loads((out / ALIGN_FILE).read_text())
+    before, after = result["history"][0], result["history"][-1]
+    assert before["to_prediction"]["G0"] < 0.9  # the LM starts far from the reward's target
+    assert after["to_prediction"]["G0"] > before["to_prediction"]["G0"] + 0.02
+    assert result["unparsable"] < result["scored"] and result["scored"] >= 12 * 16
+    report = (out / "report.md").read_text()
+    assert set(after["per_group"]) == {"G0", "G4"} and set(after["to_prediction"]) == {"G0"}  # G4: measured only
+    assert after["worst_group"] == "G0" and len(after["opinions"]) == len(result["questions"])
