@@ -38,7 +38,7 @@ import torch
 
 from .config import RunConfig
 from .data import Question, seeded_rng
-from .embeddings import LETTERS, _default_cache_dir, _resolve_model
+from .embeddings import LETTERS, cache_folder, resolve_model
 from .experiment import prepare_experiment
 from .metrics import alignments
 from .results import BEST_CHECKPOINT, load_results
@@ -140,12 +140,11 @@ def alignment_task(run: str | Path, groups: Sequence[str], context: int = 20, ma
 def policy_folder(policy: str, cache_dir: str | Path | None = None) -> str:
     """A folder or hub id that `from_pretrained` loads, and TRL with it the reference model. A GGUF file
     (the built-in 'smollm2') cannot be saved as it is loaded: it is dequantised once into the cache."""
-    source = _resolve_model(policy)
+    source = resolve_model(policy)
     if source.gguf_file is None:
         return source.path
     digest = hashlib.sha256(json.dumps(source.identity, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
-    folder = folder / "policies" / digest
+    folder = cache_folder(cache_dir) / "policies" / digest
     if not (folder / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -137,7 +137,7 @@ def _local_source(path: Path) -> _Source:
     return _Source(str(path), None, False, {"local": str(path), "files": _files_identity(files)})
 
 
-def _resolve_model(model: str) -> _Source:
+def resolve_model(model: str) -> _Source:
     """Map a built-in name, a local path or a hub id to a source, failing early on paths that do not exist."""
     if model == "minilm":
         folder = _package_dir(MINILM_PACKAGE)
@@ -252,7 +252,10 @@ def _encode(tok, net, texts: list[str], max_length: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- cache
 
 
-def _default_cache_dir() -> Path:
+def cache_folder(cache_dir: str | Path | None = None) -> Path:
+    """The given cache folder, or the default (~/.cache/pluralllm, or under XDG_CACHE_HOME)."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pluralllm"
 
 
@@ -338,7 +341,7 @@ def embed_questions(questions: list[Question], model: str = "minilm", *, cache_d
     empty = [q.key for q in questions if not q.options]
     if empty:
         raise EmbeddingError(f"question(s) {empty[:5]} have no options to embed")
-    source = _resolve_model(model)
+    source = resolve_model(model)
     prompts, rows = _unique_prompts(questions)
     offsets = _offsets(questions)
     keys = [q.key for q in questions]
@@ -347,7 +350,7 @@ def embed_questions(questions: list[Question], model: str = "minilm", *, cache_d
                 "dataset_hash": _digest([[q.key, q.text, list(q.options)] for q in questions])}
     key = _digest({k: expected[k] for k in ("model_identity", "prompt_format", "dtype", "max_length",
                                              "dataset_hash")})[:24]
-    folder = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
+    folder = cache_folder(cache_dir)
     folder = folder / "embeddings"
     stem = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', model).strip('_')[-40:]}-{key}"
     table_file, meta_file = folder / f"{stem}.safetensors", folder / f"{stem}.json"

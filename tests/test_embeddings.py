@@ -86,7 +86,7 @@ def test_real_minilm_from_the_package(tmp_path):
     assert table.vectors.dtype == np.float32 and np.isfinite(table.vectors).all()
     assert table.offsets.tolist() == [0, 3, 6]
     # each row is its prompt embedded alone (batching and padding change nothing) ...
-    tok, net = emb._load_model("minilm", emb._resolve_model("minilm"), "cpu", "float32")
+    tok, net = emb._load_model("minilm", emb.resolve_model("minilm"), "cpu", "float32")
     alone = emb._encode(tok, net, [format_prompt(QUESTIONS[1], 2)], 256)[0]
     np.testing.assert_allclose(table.vectors[5], alone, atol=1e-5)
     # ... and options of one question are told apart, yet closer to each other than to another question's
@@ -111,7 +111,7 @@ def test_causal_lm_uses_the_base_models_last_hidden_state(tiny_llama, tmp_path):
 
 
 def test_masked_mean_ignores_padding(tiny_llama):
-    tok, net = emb._load_model("tiny", emb._resolve_model(str(tiny_llama)), "cpu", "float32")
+    tok, net = emb._load_model("tiny", emb.resolve_model(str(tiny_llama)), "cpu", "float32")
     short, long = "Yes", format_prompt(QUESTIONS[1], 0)
     assert len(tok(short)["input_ids"]) < len(tok(long)["input_ids"])  # so `short` really gets padded
     batch = emb._encode(tok, net, [short, long], 256)
