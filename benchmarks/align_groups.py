@@ -1,5 +1,5 @@
 """Does GRPO with the group reward steer a language model toward a group, toward the right one, and
-does the aggregation rule protect the worst group? Prints Markdown tables and writes a figure.
+does the aggregation rule protect the worst group? Prints Markdown tables.
 
 Runs (each an ordinary `pluralllm align` output folder under --out, reused when its align.json exists):
 - pair: the policy aligned to each of two groups alone (default Democrat, Republican), each LM measured
@@ -46,7 +46,7 @@ def mean_sd(values) -> str:
 
 def pair(args, seeds: list[int]) -> list[str]:
     a, b = args.pair.split(",")
-    rows, own_wins = [], []
+    own_wins = []
     lines = [f"### Aligned to {a} or to {b} ({len(seeds)} seeds)", "",
              f"Gain: alignment to its own target after GRPO minus the base LM's. On the {args.differ} questions where "
              f"{a} and {b} differ most: the aligned LM's alignment to its target and to the other group.", "",
@@ -65,7 +65,6 @@ def pair(args, seeds: list[int]) -> list[str]:
             own.append(float(np.mean(alignments(opinions, [task.truth[target][i] for i in differ]))))
             against.append(float(np.mean(alignments(opinions, [task.truth[other][i] for i in differ]))))
         own_wins.append(all(o > x for o, x in zip(own, against)))
-        rows.append({"target": target, "gain": gains, "own": own, "other": against})
         lines.append(f"| {target} | {mean_sd(gains)} | {mean_sd(own)} | {mean_sd(against)} |")
     verdict = "holds in every seed" if all(own_wins) else "does not hold in every seed"
     lines += ["", f"Each LM closer to its own target than to the other group on the differing questions: {verdict}.", ""]

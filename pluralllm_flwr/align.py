@@ -213,12 +213,11 @@ def lm_opinions(model, tok, questions: Sequence[Question], letters: Sequence[int
     return opinions, float(np.mean(mass))
 
 
-def measure(model, tok, task: AlignmentTask, letters: Sequence[int],
+def summary(opinions: list[np.ndarray], mass: float, task: AlignmentTask,
             predicted: dict[str, list[np.ndarray]]) -> dict:
-    """The LM's alignment to each measured group's true answers; the mean and the worst over the groups
-    aligned to; its alignment to the predictor's prediction for each of those (what the reward pulls
-    toward), its letter mass and its opinions themselves."""
-    opinions, mass = lm_opinions(model, tok, task.questions, letters)
+    """The LM's opinions (`lm_opinions`) scored: its alignment to each measured group's true answers; the
+    mean and the worst over the groups aligned to; its alignment to the predictor's prediction for each
+    of those (what the reward pulls toward), its letter mass and the opinions themselves."""
     per_group = {g: float(np.mean(alignments(opinions, truth))) for g, truth in task.truth.items()}
     worst = min(task.groups, key=per_group.get)
     return {"per_group": per_group, "mean": float(np.mean([per_group[g] for g in task.groups])), "worst_group": worst,
@@ -254,17 +253,9 @@ class Alignment:
     groups: list[str]
     questions: list[str]
     targets: dict[str, float]                       # the predictor's p_g against the group's truth
-    history: list[dict] = field(default_factory=list)  # {"step", **measure(...)}, step 0 = before
+    history: list[dict] = field(default_factory=list)  # {"step", **summary(...)}, step 0 = before
     trainable_parameters: int = 0
     seconds: float = 0.0
-
-    @property
-    def before(self) -> dict:
-        return self.history[0]
-
-    @property
-    def after(self) -> dict:
-        return self.history[-1]
 
 
 def align(task: AlignmentTask, reward_model: GroupRewardModel, policy: str, settings: AlignSettings, out: Path,
@@ -283,7 +274,7 @@ def align(task: AlignmentTask, reward_model: GroupRewardModel, policy: str, sett
     letters = letter_tokens(tok, n_letters)
     keys = [q.key for q in task.questions]
     predicted = reward_model.predict_groups(task.contexts, task.questions)
-    reference, _ = lm_opinions(model, tok, task.questions, letters)
+    reference, mass = lm_opinions(model, tok, task.questions, letters)  # the base LM: also step 0's measurement
     # a letter beyond a question's options is the only unparsable answer: GRPO ignores it (reward.neutral_unparsable)
     reward = GroupReward(dict(zip(keys, task.questions)), {g: dict(zip(keys, p)) for g, p in predicted.items()},
                          GroupAggregator(task.groups, settings.aggregate), question_column="question",
@@ -293,9 +284,11 @@ def align(task: AlignmentTask, reward_model: GroupRewardModel, policy: str, sett
                        {g: float(np.mean(alignments(predicted[g], task.truth[g]))) for g in task.groups})
     result.trainable_parameters = _freeze_all_but_last(model, settings.trainable_layers)
 
-    def record(step: int) -> None:
-        model.eval()
-        result.history.append({"step": step, **measure(model, tok, task, letters, predicted)})
+    def record(step: int, opinions: list[np.ndarray] | None = None, mass: float = 0.0) -> None:
+        if opinions is None:
+            model.eval()
+            opinions, mass = lm_opinions(model, tok, task.questions, letters)
+        result.history.append({"step": step, **summary(opinions, mass, task, predicted)})
         h = result.history[-1]
         echo(f"align: step {step}: alignment " + ", ".join(f"{g} {v:.4f}" for g, v in h["per_group"].items())
              + f"; worst {h['worst']:.4f}; letter mass {h['letter_mass']:.2f}")
@@ -306,7 +299,7 @@ def align(task: AlignmentTask, reward_model: GroupRewardModel, policy: str, sett
                 record(state.global_step)
                 model.train()
 
-    record(0)
+    record(0, reference, mass)
     dataset = Dataset.from_dict({"prompt": [format_question(q) for q in task.questions], "question": keys})
     others = sorted(set(range(len(tok))) - set(letters))
     args = GRPOConfig(output_dir=str(out / "grpo"), max_steps=settings.steps, learning_rate=settings.learning_rate,

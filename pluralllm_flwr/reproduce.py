@@ -65,7 +65,7 @@ SCALES = {
     "smoke": Scale("smoke", rounds=3, eval_every=1, seeds=(0, 1), mus=(0.1, 1.0), local_steps=(3, 6),
                    eval_contexts=(5, 20), embedders=("minilm",), default_rounds=2, skews=(0.0, 1.0),
                    stress_rounds=2, strategy_rounds=2),
-    # about 90 minutes on a 2-core CPU for OpinionQA (README): 30 rounds where the paper ran ~1,000
+    # 110 minutes measured on a 2-core CPU for OpinionQA (README): 30 rounds where the paper ran ~1,000
     "default": Scale("default", rounds=30, eval_every=10, embedder_questions=300),
     # the paper's scale (1,000 rounds, every question, ablations on every dataset): GPU territory
     "full": Scale("full", rounds=1000, eval_every=10, ablations_on_every_dataset=True),
