@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", action="append", metavar="NAME[=PATH]", help="opinionqa=<human_resp folder>, "
                    "globalopinionqa (from the hub) or globalopinionqa=<global_opinions.csv>; repeatable")
     p.add_argument("--scale", choices=["smoke", "default", "full"], default="default",
-                   help="smoke: minutes; default: 30 rounds of GPO, 20-40 of the default predictor (README gives "
+                   help="smoke: minutes; default: 24 rounds of GPO, 16-30 of the default predictor (README gives "
                    "its time on 2 CPU cores); full: the paper's")
     p.add_argument("--rounds", type=int, default=0, help="federated rounds (overrides the scale's)")
     p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (overrides the scale's)")
