@@ -43,7 +43,7 @@ def write_reproduction_report(manifest: dict, report: str | Path, command: str) 
         f"{time.strftime('%Y-%m-%d')} (commit {_commit()}). {_flower_overhead(manifest)}"
         "Do not edit by hand: rerun the command (complete runs are reused; the report is rewritten).", "",
         f"**Scale `{scale['name']}`**: {scale['rounds']} federated rounds, evaluated every {scale['eval_every']}, "
-        f"seeds {scale['seeds']}. " + _scale_note(scale), "",
+        f"seeds {list(scale['seeds'])}. " + _scale_note(scale), "",
     ]
     claims, sections = [], []
     for name, plan in manifest["datasets"].items():
