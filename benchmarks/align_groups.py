@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pluralllm_flwr.align import ALIGN_FILE, AlignSettings, align, alignment_task, checkpoint_of  # noqa: E402
+from pluralllm_flwr.align import ALIGN_FILE, AlignSettings, align, alignment_task, central_predictions  # noqa: E402
 from pluralllm_flwr.align_report import write_align_report  # noqa: E402
 from pluralllm_flwr.metrics import alignments  # noqa: E402
-from pluralllm_flwr.reward import GroupRewardModel  # noqa: E402
 
 
 def run_once(args, name: str, groups: list[str], measure: list[str], aggregate: str, seed: int) -> dict:
@@ -33,8 +32,8 @@ def run_once(args, name: str, groups: list[str], measure: list[str], aggregate: 
     if not (out / ALIGN_FILE).is_file():
         settings = AlignSettings(steps=args.steps, beta=args.beta, learning_rate=args.lr, aggregate=aggregate,
                                  seed=seed, eval_every=args.eval_every)
-        model = GroupRewardModel.from_checkpoint(checkpoint_of(args.run), cache_dir=args.cache_dir or None)
-        align(task, model, args.policy, settings, out, run=args.run, cache_dir=args.cache_dir or None)
+        predicted = central_predictions(task, args.run, cache_dir=args.cache_dir or None)
+        align(task, predicted, args.policy, settings, out, run=args.run, cache_dir=args.cache_dir or None)
         write_align_report(out)
     return {"result": json.loads((out / ALIGN_FILE).read_text()), "task": task}
 

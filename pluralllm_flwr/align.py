@@ -43,8 +43,11 @@ from .experiment import prepare_experiment
 from .metrics import alignments
 from .results import BEST_CHECKPOINT, load_results
 from .reward import GroupAggregator, GroupContext, GroupReward, GroupRewardModel, format_question
+from .reward_queries import RewardRequest, group_context
+from .simulation import progress_only, simulate
 
 ALIGN_FILE = "align.json"
+REWARD_REQUEST, REWARD_REPLY = "reward-request.json", "reward-reply.json"  # federated rewards (reward_queries.py)
 
 
 class AlignError(ValueError):
@@ -89,25 +92,25 @@ def kl_optimum(reference: np.ndarray, rewards: np.ndarray, beta: float) -> np.nd
 
 @dataclass
 class AlignmentTask:
-    """The questions to align on (none of them trained on by the predictor), the context answers of
-    each group aligned to (what the reward model sees) and the true answers of every measured group
-    (those, and any others named to be measured; only the evaluation reads them)."""
+    """The questions to align on (none of them trained on by the predictor), the groups aligned to with
+    how their context is drawn (`context` of their seen questions, with `seed`), those contexts where
+    the aligner reads them (central rewards; federated, they stay on the groups' nodes), and the true
+    answers of every measured group (those aligned to and any others named; only the evaluation reads
+    them)."""
 
     questions: list[Question]
+    groups: list[str]
+    context: int
+    seed: int
     contexts: list[GroupContext]
     truth: dict[str, list[np.ndarray]]
 
-    @property
-    def groups(self) -> list[str]:
-        """The groups aligned to."""
-        return [c.name for c in self.contexts]
-
 
 def alignment_task(run: str | Path, groups: Sequence[str], context: int = 20, max_questions: int = 0,
-                   seed: int = 0, measure_also: Sequence[str] = ()) -> AlignmentTask:
+                   seed: int = 0, measure_also: Sequence[str] = (), read_contexts: bool = True) -> AlignmentTask:
     """From a training run trained with heldout-questions > 0: its unseen questions that every group
-    (aligned to or `measure_also`) answered (a seeded `max_questions` of them, 0 = all), and per group
-    aligned to, `context` seeded questions of its seen ones with its answers."""
+    (aligned to or `measure_also`) answered (a seeded `max_questions` of them, 0 = all), and, unless
+    `read_contexts` is False, per group aligned to its context (`reward_queries.group_context`)."""
     results = load_results(run)
     cfg = RunConfig.from_mapping(results["config"])
     if cfg.heldout_questions <= 0:
@@ -115,6 +118,8 @@ def alignment_task(run: str | Path, groups: Sequence[str], context: int = 20, ma
                          "align on questions it never saw: train with e.g. -c 'heldout-questions=0.1'")
     if not groups or len(set(groups)) != len(groups):
         raise AlignError(f"name one or more distinct groups to align to, got {list(groups)}")
+    if context < 1:
+        raise AlignError(f"context must be at least 1 answer per group, got {context}")
     measured = list(groups) + [g for g in dict.fromkeys(measure_also) if g not in groups]
     exp = prepare_experiment(cfg, progress=False)
     unknown = [g for g in measured if g not in exp.data.answers]
@@ -125,13 +130,36 @@ def alignment_task(run: str | Path, groups: Sequence[str], context: int = 20, ma
         raise AlignError(f"{run}: the groups {measured} answered no unseen question in common")
     if 0 < max_questions < len(common):
         common = sorted(seeded_rng(seed, "align-questions").choice(common, max_questions, replace=False).tolist())
-    contexts = []
-    for g in groups:
-        seen = exp.question_ids(g, "seen")
-        picked = sorted(seeded_rng(seed, "align-context", g).choice(len(seen), min(context, len(seen)), replace=False))
-        contexts.append(GroupContext(g, [(exp.data.questions[seen[i]], exp.data.answers[g][seen[i]]) for i in picked]))
-    return AlignmentTask([exp.data.questions[i] for i in common], contexts,
+    contexts = [group_context(exp, g, context, seed) for g in groups] if read_contexts else []
+    return AlignmentTask([exp.data.questions[i] for i in common], list(groups), context, seed, contexts,
                          {g: [exp.data.answers[g][i] for i in common] for g in measured})
+
+
+def central_predictions(task: AlignmentTask, run: str | Path, cache_dir: str | Path | None = None
+                        ) -> dict[str, list[np.ndarray]]:
+    """Each group's predicted answers on the task's questions, the aligner reading its context."""
+    model = GroupRewardModel.from_checkpoint(checkpoint_of(run), cache_dir=cache_dir)
+    return model.predict_groups(task.contexts, task.questions)
+
+
+def federated_predictions(task: AlignmentTask, run: str | Path, out: Path, echo=progress_only
+                          ) -> dict[str, list[np.ndarray]]:
+    """The same predictions made on the groups' own nodes (reward_queries.py), in a Flower simulation of
+    the run's federation: one virtual node per training group. The request and the reply, with its audit
+    of every message, are kept in `out`."""
+    cfg = RunConfig.from_mapping(load_results(run)["config"])
+    nodes = prepare_experiment(cfg, progress=False).split.train
+    unhosted = [g for g in task.groups if g not in nodes]
+    if unhosted:
+        raise AlignError(f"federated rewards come from the nodes of the run's training groups {nodes}; {unhosted} "
+                         "has no node in its federation (align to it with central rewards)")
+    out = Path(out).resolve()
+    request = RewardRequest(str(checkpoint_of(run).resolve()), task.groups, task.context, task.seed, task.questions,
+                            str(out / REWARD_REPLY))
+    path = request.write(out / REWARD_REQUEST)
+    simulate(cfg.replace(reward_request=str(path), out_dir=str(out)), len(nodes), echo=echo)
+    reply = json.loads((out / REWARD_REPLY).read_text())
+    return {g: [np.asarray(p, np.float64) for p in reply["predictions"][g]] for g in task.groups}
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -250,6 +278,7 @@ class Alignment:
     settings: dict
     policy: str
     run: str
+    rewards: str                                    # "central" or "federated" (computed on the groups' nodes)
     groups: list[str]
     questions: list[str]
     targets: dict[str, float]                       # the predictor's p_g against the group's truth
@@ -258,10 +287,12 @@ class Alignment:
     seconds: float = 0.0
 
 
-def align(task: AlignmentTask, reward_model: GroupRewardModel, policy: str, settings: AlignSettings, out: Path,
-          run: str = "", cache_dir: str | Path | None = None, echo=print) -> Alignment:
-    """GRPO on `task.questions` with the log-ratio group reward; the LM's opinions are measured before,
-    every `eval_every` steps and after. Writes <out>/align.json."""
+def align(task: AlignmentTask, predicted: dict[str, list[np.ndarray]], policy: str, settings: AlignSettings,
+          out: Path, run: str = "", rewards: str = "central", cache_dir: str | Path | None = None,
+          echo=print) -> Alignment:
+    """GRPO on `task.questions` with the log-ratio group reward on `predicted` (each group's predicted
+    answers, `central_predictions` or `federated_predictions`, which `rewards` names); the LM's opinions
+    are measured before, every `eval_every` steps and after. Writes <out>/align.json."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -273,14 +304,13 @@ def align(task: AlignmentTask, reward_model: GroupRewardModel, policy: str, sett
     n_letters = max(len(q.options) for q in task.questions)
     letters = letter_tokens(tok, n_letters)
     keys = [q.key for q in task.questions]
-    predicted = reward_model.predict_groups(task.contexts, task.questions)
     reference, mass = lm_opinions(model, tok, task.questions, letters)  # the base LM: also step 0's measurement
     # a letter beyond a question's options is the only unparsable answer: GRPO ignores it (reward.neutral_unparsable)
     reward = GroupReward(dict(zip(keys, task.questions)), {g: dict(zip(keys, p)) for g, p in predicted.items()},
                          GroupAggregator(task.groups, settings.aggregate), question_column="question",
                          reference=dict(zip(keys, reference)), beta=settings.beta,
                          neutral_in_groups_of=settings.generations)
-    result = Alignment(asdict(settings), policy, str(run), task.groups, keys,
+    result = Alignment(asdict(settings), policy, str(run), rewards, task.groups, keys,
                        {g: float(np.mean(alignments(predicted[g], task.truth[g]))) for g in task.groups})
     result.trainable_parameters = _freeze_all_but_last(model, settings.trainable_layers)
 

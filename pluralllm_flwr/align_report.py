@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .align import ALIGN_FILE  # noqa: E402
+from .align import ALIGN_FILE, REWARD_REPLY  # noqa: E402
 
 REPORT_FILE, FIGURE_FILE = "report.md", "alignment.png"
 
@@ -40,10 +40,31 @@ def write_align_report(out: str | Path) -> Path:
               f"Share of the next token's probability on the option letters: {before['letter_mass']:.2f} before, "
               f"{after['letter_mass']:.2f} after. Completions naming no option of their question: "
               f"{result['unparsable']} of {result['scored']} (GRPO learns nothing from them).", "",
+              _rewards_line(result, out), "",
               f"![alignment per group against GRPO steps]({FIGURE_FILE})", ""]
     _figure(result, out / FIGURE_FILE)
     (out / REPORT_FILE).write_text("\n".join(lines))
     return out / REPORT_FILE
+
+
+def _rewards_line(result: dict, out: Path) -> str:
+    """Where the rewards were computed; federated, what the messages carried (the ServerApp's audit)."""
+    if result.get("rewards") != "federated":
+        return "Rewards computed centrally: the aligner read each group's context answers."
+    audit = json.loads((out / REWARD_REPLY).read_text())["audit"]
+    kinds = {d: sorted({"; ".join(f"{name}: {_carried(r)}" for name, r in a["records"].items())
+                        for a in audit if a["direction"] == d}) for d in ("to node", "from node")}
+    return (f"Rewards computed federated: each group's on its own node of the run's federation, from context "
+            f"answers that never left it ({REWARD_REPLY} holds the audit of all {len(audit)} messages). To a node: "
+            f"{' | '.join(kinds['to node'])}. From a node: {' | '.join(kinds['from node'])}.")
+
+
+def _carried(record: dict) -> str:
+    """One record of the audit in words: a config's keys, or its arrays' names and shapes."""
+    if "keys" in record:
+        return ", ".join(record["keys"])
+    arrays = record["arrays"]
+    return ", ".join(f"{k} of shape {v}" for k, v in arrays.items()) if len(arrays) <= 3 else f"{len(arrays)} arrays"
 
 
 def _row(label: str, target: str, before: float, after: float, to_target: str, who_before: str = "",

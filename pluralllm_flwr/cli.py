@@ -201,23 +201,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_align(args: argparse.Namespace) -> int:
     """GRPO of a policy LM toward groups' opinions, the run's predictor as reward (align.py), then its report."""
-    from .align import AlignSettings, align, alignment_task, checkpoint_of
+    from .align import AlignSettings, align, alignment_task, central_predictions, federated_predictions
     from .align_report import write_align_report
-    from .reward import GroupRewardModel
 
     given = {"steps": args.steps, "beta": args.beta, "learning_rate": args.lr, "generations": args.generations,
              "prompts_per_step": args.prompts_per_step, "trainable_layers": args.trainable_layers,
              "eval_every": args.eval_every}  # None: AlignSettings' default
     settings = AlignSettings(aggregate=args.aggregate, seed=args.seed,
                              **{k: v for k, v in given.items() if v is not None})
-    checkpoint = checkpoint_of(args.run)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     measure = [g.strip() for g in args.measure.split(",") if g.strip()]
-    task = alignment_task(args.run, groups, args.context, args.questions, args.seed, measure_also=measure)
-    reward_model = GroupRewardModel.from_checkpoint(checkpoint, cache_dir=args.cache_dir or None)
+    task = alignment_task(args.run, groups, args.context, args.questions, args.seed, measure_also=measure,
+                          read_contexts=not args.federated)
     out = Path(args.out or f"runs/align/{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"align: {len(task.questions)} unseen questions, groups {groups}, policy {args.policy!r}; out {out}")
-    align(task, reward_model, args.policy, settings, out, run=args.run, cache_dir=args.cache_dir or None)
+    rewards = "federated" if args.federated else "central"
+    print(f"align: {len(task.questions)} unseen questions, groups {groups}, policy {args.policy!r}, {rewards} "
+          f"rewards; out {out}")
+    if args.federated:
+        predicted = federated_predictions(task, args.run, out)
+    else:
+        predicted = central_predictions(task, args.run, cache_dir=args.cache_dir or None)
+    align(task, predicted, args.policy, settings, out, run=args.run, rewards=rewards, cache_dir=args.cache_dir or None)
     print(f"report: {write_align_report(out)}")
     return 0
 
@@ -392,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", default="", help="comma-separated groups to measure too, not aligned to")
     p.add_argument("--policy", default="smollm2", help="smollm2 (offline SmolLM2-135M-Instruct) | a hub id | a folder")
     p.add_argument("--aggregate", default="mean", choices=["mean", "min", "adaptive"], help="several groups' rewards")
+    p.add_argument("--federated", action="store_true",
+                   help="compute each group's rewards on its own node of the run's federation (a Flower simulation), "
+                   "so its context answers never reach the aligner")
     # defaults: align.AlignSettings
     p.add_argument("--steps", type=int, default=None, help="GRPO steps (default 60)")
     p.add_argument("--beta", type=float, default=None, help="KL coefficient and the reward's scale")

@@ -25,6 +25,7 @@ from .config import ConfigError, RunConfig
 from .data import GroupSplit, seeded_rng
 from .experiment import Experiment, bundle_experiment, prepare_experiment, resolve_device
 from .grid import RUN_CONFIG
+from .reward_queries import PREDICTIONS_QUERY, answer_query
 from .strategies import CONTROL, CORRECTION, HOSTS_QUERY, UNIT_WEIGHT
 from .model import ModelConfig, Predictor
 from .predictors import build_predictor
@@ -118,6 +119,16 @@ def _log_stages(context: Context, kind: str, group: str, entered: float, set_up:
 def hosted_groups(msg: Message, context: Context) -> Message:
     _, hosted = _setup(RunConfig.from_mapping(context.run_config), context)
     return Message(RecordDict({"hosted": ConfigRecord({"groups": hosted})}), reply_to=msg)
+
+
+@app.query(PREDICTIONS_QUERY)
+def group_predictions(msg: Message, context: Context) -> Message:
+    """A group's predictions for a federated reward request: its context answers stay on this node."""
+    exp, hosted = _setup(RunConfig.from_mapping(context.run_config), context)
+    group = str(msg.content["config"]["group"])
+    if group not in hosted:
+        raise ValueError(f"this node hosts {hosted}, not {group!r}")
+    return Message(answer_query(exp, group, msg.content), reply_to=msg)
 
 
 def clip_when_asked(msg: Message, context: Context, call_next) -> Message:

@@ -77,6 +77,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     batch: str = ""                   # absolute path of a JSON list of run-configs one Flower run executes in turn
+    reward_request: str = ""          # absolute path of a JSON reward query (reward_queries.py); "" = train
     # federated schedule
     num_server_rounds: int = 1000
     local_steps: int = 6
@@ -198,6 +199,9 @@ class RunConfig:
                               f"'1,5,20', got {self.eval_context_sizes!r}")
         if self.resume and not self.out_dir:
             raise ConfigError("run-config resume=true needs 'out-dir': the directory of the run to continue")
+        if self.reward_request and not Path(self.reward_request).is_absolute():
+            raise ConfigError(f"run-config 'reward-request' needs an absolute path (the ServerApp runs in the "
+                              f"SuperLink's directory), got {self.reward_request!r}")
         if self.batch and not Path(self.batch).is_absolute():
             raise ConfigError(f"run-config 'batch' needs an absolute path (the ServerApp runs in the SuperLink's "
                               f"directory), got {self.batch!r}")

@@ -133,37 +133,46 @@ class GroupRewardModel:
         """Load a training run's `best.safetensors`/`last.safetensors`. `embedder`/`embedding_dim`,
         when given, are what the caller expects; a checkpoint trained otherwise is an error."""
         state, meta = load_checkpoint(path)
+        return cls.from_state(state, meta, where=f"checkpoint {path}", embedder=embedder, embedding_dim=embedding_dim,
+                              cache_dir=cache_dir, device=device, progress=progress)
+
+    @classmethod
+    def from_state(cls, state: Mapping, meta: dict, *, where: str, embedder: str | None = None,
+                   embedding_dim: int | None = None, cache_dir: str | Path | None = None, device: str = "auto",
+                   progress: bool = False) -> "GroupRewardModel":
+        """A checkpoint's weights and metadata, checked (`where` names them in errors): from a file, or
+        as a federated reward request carries them (reward_queries.py)."""
         missing = [k for k in REQUIRED_METADATA if k not in meta]
         if missing:
-            raise RewardModelError(f"checkpoint {path} lacks metadata {missing}; use a best/last.safetensors "
+            raise RewardModelError(f"{where} lacks metadata {missing}; use a best/last.safetensors "
                                    "written by this project's training (pluralllm centralized / simulate)")
         if meta["prompt_format"] != PROMPT_FORMAT:
-            raise RewardModelError(f"checkpoint {path} was trained on prompt format {meta['prompt_format']!r}, "
+            raise RewardModelError(f"{where} was trained on prompt format {meta['prompt_format']!r}, "
                                    f"but this code embeds with {PROMPT_FORMAT!r}; retrain it with this version")
         if embedder is not None and embedder != meta["embedder"]:
-            raise RewardModelError(f"checkpoint {path} was trained with embedder {meta['embedder']!r}, "
+            raise RewardModelError(f"{where} was trained with embedder {meta['embedder']!r}, "
                                    f"not the {embedder!r} asked for; pass embedder={meta['embedder']!r} "
                                    "or another checkpoint")
         if embedding_dim is not None and int(embedding_dim) != int(meta["embedding_dim"]):
-            raise RewardModelError(f"checkpoint {path} expects {meta['embedding_dim']}-d embeddings, "
+            raise RewardModelError(f"{where} expects {meta['embedding_dim']}-d embeddings, "
                                    f"not the {embedding_dim}-d asked for")
         try:
             config = ModelConfig(**meta["model_config"])
         except (TypeError, ValueError) as exc:
-            raise RewardModelError(f"checkpoint {path}: bad model_config {meta['model_config']}: {exc}") from None
+            raise RewardModelError(f"{where}: bad model_config {meta['model_config']}: {exc}") from None
         features = meta.get("features", "raw")
         if features not in FEATURES or config.architecture not in ARCHITECTURES:
-            raise RewardModelError(f"checkpoint {path} holds architecture {config.architecture!r} on features "
+            raise RewardModelError(f"{where} holds architecture {config.architecture!r} on features "
                                    f"{features!r}; this version knows {sorted(ARCHITECTURES)} and {list(FEATURES)}")
         if config.input_dim != feature_dim(int(meta["embedding_dim"]), features):
-            raise RewardModelError(f"checkpoint {path}: model input_dim {config.input_dim} differs from the width of "
+            raise RewardModelError(f"{where}: model input_dim {config.input_dim} differs from the width of "
                                    f"{features!r} features of its {meta['embedding_dim']}-d embeddings (its own metadata)")
         model = build_predictor(config)
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
             detail = " ".join(str(exc).split())
-            raise RewardModelError(f"checkpoint {path}: weights do not fit its model_config: "
+            raise RewardModelError(f"{where}: weights do not fit its model_config: "
                                    f"{detail[:300]}") from None
         return cls(model, meta, cache_dir=cache_dir, device=device, progress=progress)
 

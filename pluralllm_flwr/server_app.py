@@ -1,5 +1,6 @@
 """The ServerApp: validate the run-config, prepare data and embeddings, run the strategy; with
-run-config `batch`, several runs in turn in one Flower run (one start-up of Flower and Ray)."""
+run-config `batch`, several runs in turn in one Flower run (one start-up of Flower and Ray); with
+run-config `reward-request`, no training: the groups' nodes predict for a federated aligner."""
 from __future__ import annotations
 
 import time
@@ -11,6 +12,7 @@ from .config import RunConfig, read_batch
 from .experiment import baseline_summary, fmt_gain, prepare_experiment, resolve_device
 from .grid import RunGrid, prompt_grid
 from .results import ResultsWriter, out_dir_for
+from .reward_queries import serve_reward_request
 from .strategies import build_strategy, with_privacy
 
 app = ServerApp()
@@ -21,6 +23,10 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)  # one clear error before any client starts
     runs = read_batch(cfg.batch) if cfg.batch else [cfg]  # every run of a batch checked before the first
     grid = prompt_grid(grid)  # replies as they arrive, not every 3 s (HttpGrid) or 0.1 s (InMemoryGrid)
+    if cfg.reward_request:  # not a training run: the groups' nodes predict for `pluralllm align --federated`
+        reply = serve_reward_request(grid, cfg.reward_request, wait=cfg.round_timeout)
+        print(f"PluralLLM reward request: predictions of {sorted(reply['predictions'])}", flush=True)
+        return
     for i, run in enumerate(runs):
         if len(runs) > 1:
             print(f"PluralLLM batch: run {i + 1} of {len(runs)}", flush=True)

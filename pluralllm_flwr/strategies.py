@@ -43,6 +43,20 @@ class NoClientsError(RuntimeError):
     """A round in which no client succeeded: the run stops with the clients' error messages."""
 
 
+def hosted_groups(grid: Grid, nodes: list[int], timeout: float) -> tuple[dict[int, list[str]], dict[int, str]]:
+    """Ask `nodes` which groups they host (HOSTS_QUERY): ({node: its groups}, {node: why it could not say})."""
+    query = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+                     message_type=f"{MessageType.QUERY}.{HOSTS_QUERY}") for n in nodes]
+    answered, failed = {}, {}
+    for reply in grid.send_and_receive(query, timeout=timeout) if query else []:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failed[node] = reply.error.reason
+        else:
+            answered[node] = [str(g) for g in reply.content["hosted"]["groups"]]
+    return answered, failed
+
+
 class PluralMixin:
     """Per-group addressing, periodic held-out evaluation and results, on top of a Flower strategy."""
 
@@ -95,17 +109,14 @@ class PluralMixin:
             time.sleep(1.0)
 
     def _ask(self, grid: Grid, nodes: list[int]) -> None:
-        query = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
-                         message_type=f"{MessageType.QUERY}.{HOSTS_QUERY}") for n in nodes]
-        for reply in grid.send_and_receive(query, timeout=self.query_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("node %s could not say which groups it hosts: %s", node, reply.error.reason)
-                self.broken.add(node)  # a client that failed, in every round it stays so
-                continue
+        answered, failed = hosted_groups(grid, nodes, self.query_timeout)
+        for node, reason in failed.items():
+            log.warning("node %s could not say which groups it hosts: %s", node, reason)
+            self.broken.add(node)  # a client that failed, in every round it stays so
+        for node, groups in answered.items():
             self.broken.discard(node)
             self.asked.add(node)
-            for group in reply.content["hosted"]["groups"]:
+            for group in groups:
                 if group not in self.exp.split.train:
                     log.warning("node %s hosts %r, which is not a training group of this run; ignored", node, group)
                 elif self.hosts.get(group, node) != node:

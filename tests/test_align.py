@@ -8,14 +8,19 @@ import torch
 from scipy.optimize import minimize
 from scipy.special import softmax
 
-from pluralllm_flwr.align import (ALIGN_FILE, AlignError, AlignSettings, alignment_task, kl_optimum, letter_tokens,
+from pluralllm_flwr.align import (ALIGN_FILE, REWARD_REPLY, AlignError, AlignSettings, alignment_task,
+                                  central_predictions, checkpoint_of, federated_predictions, kl_optimum, letter_tokens,
                                   lm_opinions, load_policy)
+from pluralllm_flwr.bundle import read_bundle, write_bundles
 from pluralllm_flwr.centralized import train_centralized
 from pluralllm_flwr.cli import main
 from pluralllm_flwr.config import RunConfig
-from pluralllm_flwr.data import Question
+from pluralllm_flwr.data import GroupSplit, Question
+from pluralllm_flwr.experiment import bundle_experiment, prepare_experiment
 from pluralllm_flwr.metrics import alignment
+from pluralllm_flwr.results import load_checkpoint, load_results
 from pluralllm_flwr.reward import GroupAggregator, GroupReward, RewardModelError, format_question, neutral_unparsable
+from pluralllm_flwr.reward_queries import RewardRequest, answer_query, query_content
 
 from .conftest import TINY_RUN, tiny_causal_lm
 
@@ -190,3 +195,68 @@ def test_grpo_moves_a_tiny_lm_toward_the_group_and_reports_it(unseen_run, policy
     report = (out / "report.md").read_text()
     assert set(after["per_group"]) == {"G0", "G4"} and set(after["to_prediction"]) == {"G0"}  # G4: measured only
     assert after["worst_group"] == "G0" and len(after["opinions"]) == len(result["questions"])
+
+
+# ----------------------------------------------------------------------------- federated rewards
+
+
+def test_a_node_predicts_from_its_own_data_what_the_aligner_would(unseen_run, tmp_path):
+    """The query's answer on a deployed node (its bundle alone) and on a simulated one (the whole dataset)
+    equals the central prediction, and holds nothing but the predicted probabilities."""
+    groups = ["G0", "G3"]
+    task = alignment_task(unseen_run, groups, context=5, seed=1)
+    cfg = RunConfig.from_mapping(load_results(unseen_run)["config"])
+    central = central_predictions(task, unseen_run, cache_dir=cfg.cache_dir)
+    exp = prepare_experiment(cfg, progress=False)
+    state, metadata = load_checkpoint(checkpoint_of(unseen_run))
+    request = RewardRequest(str(checkpoint_of(unseen_run)), groups, 5, 1, task.questions, str(tmp_path / "reply.json"))
+    bundles = write_bundles(exp, groups, tmp_path / "bundles")
+    for g in groups:
+        deployed = bundle_experiment(cfg, [read_bundle(bundles[g])], GroupSplit([g], []))
+        for node in (exp, deployed):
+            reply = answer_query(node, g, query_content(request, g, state, metadata))
+            assert set(reply) == {"predictions", "for"} and list(reply["predictions"]) == ["probabilities"]
+            np.testing.assert_allclose(reply["predictions"]["probabilities"].numpy(), np.concatenate(central[g]),
+                                       rtol=0, atol=1e-6)
+    with pytest.raises(AlignError, match=r"\['G2'\] has no node"):  # a held-out group: no node hosts it
+        federated_predictions(alignment_task(unseen_run, ["G2"], context=5, read_contexts=False), unseen_run, tmp_path)
+
+
+@pytest.mark.slow
+def test_federated_rewards_equal_central_ones_and_no_answer_leaves_a_node(unseen_run, policy, tmp_path):
+    """`pluralllm align --federated`: a Flower simulation of the run's federation (one node per training
+    group) computes the groups' predictions, which give the central rewards, and the ServerApp's audit of
+    every message shows weights, question texts and settings going out and predictions alone coming back."""
+    groups = ["G0", "G3"]
+    task = alignment_task(unseen_run, groups, context=5, seed=0, read_contexts=False)
+    assert task.contexts == []  # federated, the aligner never reads a context answer
+    out = tmp_path / "align"
+    assert main(["align", "--run", str(unseen_run), "--groups", ",".join(groups), "--federated", "--policy", str(policy),
+                 "--steps", "2", "--eval-every", "2", "--generations", "2", "--prompts-per-step", "2",
+                 "--context", "5", "--out", str(out)]) == 0
+    reply = json.loads((out / REWARD_REPLY).read_text())
+    federated = {g: [np.asarray(p) for p in reply["predictions"][g]] for g in groups}
+    cfg = RunConfig.from_mapping(load_results(unseen_run)["config"])
+    central = central_predictions(alignment_task(unseen_run, groups, context=5, seed=0), unseen_run,
+                                  cache_dir=cfg.cache_dir)
+    keys = [q.key for q in task.questions]
+    rewards = [GroupReward(dict(zip(keys, task.questions)), {g: dict(zip(keys, p[g])) for g in groups},
+                           GroupAggregator(groups, "mean")) for p in (federated, central)]
+    choices = [c for q in task.questions for c in range(len(q.options))]
+    picked = [k for q, k in zip(task.questions, keys) for _ in q.options]
+    np.testing.assert_allclose(*(r.choice_rewards(picked, choices)[0] for r in rewards), rtol=0, atol=1e-6)
+
+    weights = set(load_checkpoint(checkpoint_of(unseen_run))[0])
+    sent = [a for a in reply["audit"] if a["direction"] == "to node"]
+    back = [a for a in reply["audit"] if a["direction"] == "from node"]
+    assert sorted(a["group"] for a in sent) == sorted(a["group"] for a in back) == groups
+    for a in sent:
+        assert set(a["records"]) == {"arrays", "config"} and set(a["records"]["arrays"]["arrays"]) == weights
+        assert a["records"]["config"]["keys"] == ["checkpoint", "context", "group", "questions", "seed"]
+    n = sum(len(q.options) for q in task.questions)
+    assert all(a["records"] == {"predictions": {"arrays": {"probabilities": [n]}}, "for": {"keys": ["group"]}}
+               for a in back)
+    for g in groups:  # and what came back are predictions, not the group's answers to those questions
+        assert all(not np.allclose(p, t, atol=1e-3) for p, t in zip(federated[g], task.truth[g]))
+    assert json.loads((out / ALIGN_FILE).read_text())["rewards"] == "federated"
+    assert f"probabilities of shape [{n}]" in (out / "report.md").read_text()
