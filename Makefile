@@ -30,7 +30,7 @@ test: install
 	$(PY) -m pytest -q --durations=15
 
 # The paper's comparison (FedAvg, FedProx, centralized) and its ablations on real data, then
-# docs/results.md and its figures. SCALE=smoke (minutes) | default (30 rounds of GPO, 20-40 of the default
+# docs/results.md and its figures. SCALE=smoke (minutes) | default (24 rounds of GPO, 16-30 of the default
 # predictor; README gives its time) | full (the paper's 1,000 rounds). Complete runs are reused: an interrupted reproduction continues.
 SCALE ?= default
 OPINIONQA ?= ../shared/data/opinionqa/human_resp
