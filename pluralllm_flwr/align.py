@@ -10,8 +10,9 @@ The reward (`reward.GroupReward` with a reference): a completion that picks opti
 
     r_g(c) = beta · log(p_g(c) / pi_ref(c)),
 
-with p_g the predictor's prediction from the group's context answers and pi_ref the LM's opinion before
-training. GRPO (TRL, with the same beta as its KL coefficient and unscaled advantages) maximises
+with p_g the predictor's prediction from the group's context answers (read by the aligner, or, with
+`--federated`, made on the group's own node so that they never leave it: reward_queries.py) and pi_ref
+the LM's opinion before training. GRPO (TRL, with the same beta as its KL coefficient and unscaled advantages) maximises
 E_pi[r] − beta·KL(pi || pi_ref), whose maximiser is pi ∝ pi_ref·exp(r/beta) = p_g (`kl_optimum`): the
 policy moves toward the group's distribution instead of collapsing onto its likeliest option, which a
 reward of p_g(c) alone would do. Several groups' rewards are combined by `reward.GroupAggregator`: under
