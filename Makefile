@@ -40,15 +40,16 @@ reproduce: install
 	  --dataset globalopinionqa$(if $(GOQA),=$(abspath $(GOQA)))
 
 # Steer SmolLM2-135M-Instruct toward OpinionQA groups' opinions with GRPO, the federated predictor as the
-# reward model, on questions the predictor never trained on. The first call trains that predictor (the demo's
-# federation with 10% of the questions held out) into ALIGN_RUN; ALIGN_ARGS: more `pluralllm align` options.
+# reward model, on questions the predictor never trained on, each group's rewards computed on its own node of
+# the federation (--federated). The first call trains that predictor (the demo's federation with 10% of the
+# questions held out) into ALIGN_RUN; ALIGN_ARGS: more `pluralllm align` options.
 ALIGN_GROUPS ?= Democrat
 ALIGN_RUN ?= runs/align/predictor
 ALIGN_ARGS ?=
 align: install
 	test -f $(ALIGN_RUN)/best.safetensors || $(VENV)/bin/pluralllm demo --dataset opinionqa \
 	  --path $(abspath $(OPINIONQA)) -c "heldout-questions=0.1 out-dir='$(abspath $(ALIGN_RUN))'"
-	$(VENV)/bin/pluralllm align --run $(ALIGN_RUN) --groups $(ALIGN_GROUPS) $(ALIGN_ARGS)
+	$(VENV)/bin/pluralllm align --run $(ALIGN_RUN) --groups $(ALIGN_GROUPS) --federated $(ALIGN_ARGS)
 
 # On a machine with a CUDA GPU: the GPU tests and a short timing (skipped cleanly without one).
 gpu-check: install
