@@ -189,12 +189,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_dir = (Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     defaults = {**DEMO_FEDERATION, "dataset": args.dataset, "data-path": str(Path(args.path).resolve()) if args.path
                 else "", "num-server-rounds": args.rounds, "out-dir": str(run_dir / "federated")}  # -c still wins
-    status = cmd_simulate(argparse.Namespace(run_config=args.run_config, defaults=defaults, num_supernodes=0,
-                                             timeout=None, quiet=True, overwrite=False))
+    simulation = argparse.Namespace(run_config=args.run_config, defaults=defaults, num_supernodes=0, timeout=None,
+                                    quiet=True, overwrite=False)
+    out_dir = Path(_run_config(simulation).out_dir).resolve()
+    status = cmd_simulate(simulation)
     if status:
         return status
-    cmd_report(argparse.Namespace(runs=[str(run_dir / "federated")], out=str(run_dir)))
-    print(f"\ndemo done: open {run_dir / 'report.md'} (plots beside it).\nAt the paper's scale (1,000 rounds; the "
+    report_dir = run_dir if out_dir == run_dir / "federated" else out_dir  # -c out-dir=...: the report beside the run
+    cmd_report(argparse.Namespace(runs=[str(out_dir)], out=str(report_dir)))
+    print(f"\ndemo done: open {report_dir / 'report.md'} (plots beside it).\nAt the paper's scale (1,000 rounds; the "
           "default run-config):  pluralllm simulate -c \"dataset='...' data-path='...'\"")
     return 0
 

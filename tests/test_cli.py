@@ -7,6 +7,8 @@ import pytest
 from pluralllm_flwr.centralized import train_centralized
 from pluralllm_flwr.cli import main
 
+from .conftest import TINY_RUN
+
 REQUIRED = {"bundle": ["--all", "--out-dir", "b"], "deploy local": ["--groups", "1"],
             "reproduce": ["--dataset", "globalopinionqa"]}  # each command's required options
 
@@ -100,3 +102,19 @@ def test_late_checks_come_first_and_show_with_quiet(tiny_config, tmp_path, capsy
         assert time.monotonic() - started < 3, args
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (args, err)
+
+
+def test_the_demo_writes_its_run_and_report_where_out_dir_says(tiny_paths, tmp_path, monkeypatch):
+    """`-c out-dir=...` (as `make align` trains its predictor): the run and its report both go there."""
+    from pluralllm_flwr import cli
+
+    def train_instead(args):  # stands in for the federated simulation: a tiny centralized run into the same out-dir
+        train_centralized(cli._run_config(args), progress=False)
+        return 0
+    monkeypatch.setattr(cli, "cmd_simulate", train_instead)
+    out = tmp_path / "predictor"
+    given = {**TINY_RUN, **tiny_paths, "out-dir": str(out)}
+    overrides = " ".join(f"{k}={v!r}" for k, v in given.items())
+    assert main(["demo", "--dataset", "globalopinionqa", "--path", tiny_paths["data-path"], "--rounds", "2",
+                 "-c", overrides]) == 0
+    assert (out / "results.json").is_file() and "alignment" in (out / "report.md").read_text()
