@@ -52,19 +52,29 @@ def _rewards_line(result: dict, out: Path) -> str:
     if result.get("rewards") != "federated":
         return "Rewards computed centrally: the aligner read each group's context answers."
     audit = json.loads((out / REWARD_REPLY).read_text())["audit"]
-    kinds = {d: sorted({"; ".join(f"{name}: {_carried(r)}" for name, r in a["records"].items())
-                        for a in audit if a["direction"] == d}) for d in ("to node", "from node")}
+    kinds = []
+    for kind in dict.fromkeys(a["type"] for a in audit):
+        sides = {d: sorted({_carried(a) for a in audit if a["type"] == kind and a["direction"] == d})
+                 for d in ("to node", "from node")}
+        kinds.append(f"`{kind}`, to a node: {' / '.join(sides['to node'])}; back: {' / '.join(sides['from node'])}")
     return (f"Rewards computed federated: each group's on its own node of the run's federation, from context "
-            f"answers that never left it ({REWARD_REPLY} holds the audit of all {len(audit)} messages). To a node: "
-            f"{' | '.join(kinds['to node'])}. From a node: {' | '.join(kinds['from node'])}.")
+            f"answers that never left it. Every message, from the ServerApp's audit ({len(audit)} messages, in "
+            f"{REWARD_REPLY}): " + ". ".join(kinds) + ".")
 
 
-def _carried(record: dict) -> str:
-    """One record of the audit in words: a config's keys, or its arrays' names and shapes."""
-    if "keys" in record:
-        return ", ".join(record["keys"])
-    arrays = record["arrays"]
-    return ", ".join(f"{k} of shape {v}" for k, v in arrays.items()) if len(arrays) <= 3 else f"{len(arrays)} arrays"
+def _carried(message: dict) -> str:
+    """One audited message in words: each record's array names and shapes, or its keys."""
+    if "error" in message:
+        return f"error ({message['error']})"
+    parts = []
+    for name, record in message["records"].items():
+        if "keys" in record:
+            parts.append(f"{name} [{', '.join(record['keys']) or 'empty'}]")
+        elif len(record["arrays"]) <= 3:
+            parts.append(f"{name} [" + ", ".join(f"{k} of shape {v}" for k, v in record["arrays"].items()) + "]")
+        else:
+            parts.append(f"{name} [{len(record['arrays'])} arrays]")
+    return "; ".join(parts)
 
 
 def _row(label: str, target: str, before: float, after: float, to_target: str, who_before: str = "",

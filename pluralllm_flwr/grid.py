@@ -9,6 +9,8 @@
   process (`prompt_grid`; the README's simulation figures say what it saved).
 - `RunGrid` stamps every message with the config of the run it belongs to, so that one Flower run
   can execute several runs in turn (run-config `batch`) and each ClientApp message knows its own.
+- `AuditGrid` records what every message it sends and receives carries, record by record (the
+  federated rewards' message audit, reward_queries.py).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import math
 import time
 from collections.abc import Iterable
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -107,3 +109,30 @@ class RunGrid(GridWrapper):
         for message in messages:
             message.content[RUN_CONFIG] = self.record
         return messages
+
+
+class AuditGrid(GridWrapper):
+    """Keeps in `log` an `audit` of every message sent and every reply received through
+    `send_and_receive`, the only way its users exchange messages."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self.log: list[dict] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self.log += [audit("to node", m.metadata.dst_node_id, m) for m in messages]
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.log += [audit("from node", m.metadata.src_node_id, m) for m in replies]
+        return replies
+
+
+def audit(direction: str, node: int, message: Message) -> dict:
+    """What one message carried: its type and, record by record, each array's name and shape, each
+    config's or metric's keys (or the error a failed reply holds instead)."""
+    entry = {"direction": direction, "node": node, "type": message.metadata.message_type}
+    if message.has_error():
+        return {**entry, "error": message.error.reason}
+    return {**entry, "records": {name: {"arrays": {k: list(a.shape) for k, a in record.items()}}
+                                 if isinstance(record, ArrayRecord) else {"keys": sorted(record)}
+                                 for name, record in message.content.items()}}

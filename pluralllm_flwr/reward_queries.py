@@ -7,7 +7,7 @@ its ServerApp sends the checkpoint's weights and the questions' text to the node
 the node draws the group's context from its own data (`group_context`, the draw the central path makes)
 and predicts with `reward.GroupRewardModel` (the same code), and the reply carries the predicted
 probabilities alone. The ServerApp writes them to the request's reply file with an audit of every
-message's records: what crossed the network, record by record (`audit`).
+message, the host query's included: what crossed the network, record by record (`grid.AuditGrid`).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from .data import Question, seeded_rng
 from .experiment import Experiment
+from .grid import AuditGrid
 from .results import load_checkpoint
 from .reward import GroupContext, GroupRewardModel, RewardModelError
 from .strategies import hosted_groups
@@ -101,26 +102,25 @@ def query_content(request: RewardRequest, group: str, state: dict, metadata: dic
 def serve_reward_request(grid: Grid, path: str | Path, wait: float) -> dict:
     """Ask the node of each requested group for its predictions, waiting up to `wait` seconds for the
     nodes to connect and for their replies; writes and returns {"predictions": group -> one list per
-    question, "audit": `audit` of every message sent and received}."""
+    question, "audit": every message sent and received (`grid.audit`)}."""
     request = RewardRequest.read(path)
     state, metadata = load_checkpoint(request.checkpoint)
+    grid = AuditGrid(grid)
     hosts = _find_hosts(grid, request.groups, wait)
-    outgoing = {g: Message(query_content(request, g, state, metadata), dst_node_id=hosts[g],
-                           message_type=f"{MessageType.QUERY}.{PREDICTIONS_QUERY}") for g in request.groups}
-    log = [audit("to node", g, msg.content) for g, msg in outgoing.items()]
+    queries = [Message(query_content(request, g, state, metadata), dst_node_id=hosts[g],
+                       message_type=f"{MessageType.QUERY}.{PREDICTIONS_QUERY}") for g in request.groups]
     predictions, errors = {}, {}
-    for reply in grid.send_and_receive(list(outgoing.values()), timeout=wait):
+    for reply in grid.send_and_receive(queries, timeout=wait):
         if reply.has_error():
             errors[reply.metadata.src_node_id] = reply.error.reason
             continue
-        group = str(reply.content["for"]["group"])
-        log.append(audit("from node", group, reply.content))
         flat = reply.content["predictions"]["probabilities"].numpy()
-        predictions[group] = np.split(flat, np.cumsum([len(q.options) for q in request.questions])[:-1])
+        predictions[str(reply.content["for"]["group"])] = np.split(
+            flat, np.cumsum([len(q.options) for q in request.questions])[:-1])
     missing = [g for g in request.groups if g not in predictions]
     if missing:
         raise RewardModelError(f"no predictions for {missing} within {wait:.0f} s; node errors: {errors or 'none'}")
-    out = {"predictions": {g: [p.tolist() for p in predictions[g]] for g in request.groups}, "audit": log}
+    out = {"predictions": {g: [p.tolist() for p in predictions[g]] for g in request.groups}, "audit": grid.log}
     Path(request.reply).write_text(json.dumps(out))
     return out
 
@@ -139,15 +139,3 @@ def _find_hosts(grid: Grid, groups: list[str], wait: float) -> dict[str, int]:
             raise RewardModelError(f"no node hosts {missing} after {wait:.0f} s; in simulation the nodes host the "
                                    "run's training groups, in a deployment each node the group of its bundle")
         time.sleep(1.0)
-
-
-def audit(direction: str, group: str, content: RecordDict) -> dict:
-    """What one message carried, record by record: each array's name and shape, each config's and
-    metric's keys; enough to check that no answer distribution left a node."""
-    records = {}
-    for name, record in content.items():
-        if isinstance(record, ArrayRecord):
-            records[name] = {"arrays": {k: list(a.shape) for k, a in record.items()}}
-        else:
-            records[name] = {"keys": sorted(record)}
-    return {"direction": direction, "group": group, "records": records}

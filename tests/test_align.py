@@ -20,7 +20,7 @@ from pluralllm_flwr.experiment import bundle_experiment, prepare_experiment
 from pluralllm_flwr.metrics import alignment
 from pluralllm_flwr.results import load_checkpoint, load_results
 from pluralllm_flwr.reward import GroupAggregator, GroupReward, RewardModelError, format_question, neutral_unparsable
-from pluralllm_flwr.reward_queries import RewardRequest, answer_query, query_content
+from pluralllm_flwr.reward_queries import PREDICTIONS_QUERY, RewardRequest, answer_query, query_content
 
 from .conftest import TINY_RUN, tiny_causal_lm
 
@@ -247,16 +247,20 @@ def test_federated_rewards_equal_central_ones_and_no_answer_leaves_a_node(unseen
     np.testing.assert_allclose(*(r.choice_rewards(picked, choices)[0] for r in rewards), rtol=0, atol=1e-6)
 
     weights = set(load_checkpoint(checkpoint_of(unseen_run))[0])
-    sent = [a for a in reply["audit"] if a["direction"] == "to node"]
-    back = [a for a in reply["audit"] if a["direction"] == "from node"]
-    assert sorted(a["group"] for a in sent) == sorted(a["group"] for a in back) == groups
+    asked = f"query.{PREDICTIONS_QUERY}"
+    sent = [a for a in reply["audit"] if a["type"] == asked and a["direction"] == "to node"]
+    back = [a for a in reply["audit"] if a["type"] == asked and a["direction"] == "from node"]
+    assert len(sent) == len(back) == len(groups) and sorted(reply["predictions"]) == groups
     for a in sent:
         assert set(a["records"]) == {"arrays", "config"} and set(a["records"]["arrays"]["arrays"]) == weights
         assert a["records"]["config"]["keys"] == ["checkpoint", "context", "group", "questions", "seed"]
     n = sum(len(q.options) for q in task.questions)
     assert all(a["records"] == {"predictions": {"arrays": {"probabilities": [n]}}, "for": {"keys": ["group"]}}
                for a in back)
+    others = [a for a in reply["audit"] if a["type"] != asked]  # before them: which node hosts which group
+    assert others and all(a["type"] == "query.hosted_groups" and a["records"] in (
+        {"config": {"keys": []}}, {"hosted": {"keys": ["groups"]}}) for a in others)
     for g in groups:  # and what came back are predictions, not the group's answers to those questions
         assert all(not np.allclose(p, t, atol=1e-3) for p, t in zip(federated[g], task.truth[g]))
     assert json.loads((out / ALIGN_FILE).read_text())["rewards"] == "federated"
-    assert f"probabilities of shape [{n}]" in (out / "report.md").read_text()
+    assert f"back: predictions [probabilities of shape [{n}]]; for [group]" in (out / "report.md").read_text()
