@@ -48,11 +48,13 @@ def pair(args, seeds: list[int]) -> list[str]:
     own_wins = []
     lines = [f"### Aligned to {a} or to {b} ({len(seeds)} seeds)", "",
              f"Gain: alignment to its own target after GRPO minus the base LM's. On the {args.differ} questions where "
-             f"{a} and {b} differ most: the aligned LM's alignment to its target and to the other group.", "",
-             "| aligned to | gain on its target | own target (differing questions) | other group (differing questions) |",
-             "|---|---|---|---|"]
+             f"{a} and {b} differ most: the aligned LM's alignment to its target and to the other group, and the same "
+             "for the reward model's prediction for the target (what GRPO pulls toward).", "",
+             "| aligned to | gain on its target | LM: own target (differing) | LM: other group (differing) | "
+             "prediction: own target (differing) | prediction: other group (differing) |",
+             "|---|---|---|---|---|---|"]
     for target, other in ((a, b), (b, a)):
-        gains, own, against = [], [], []
+        gains, own, against, predicted_own, predicted_against = [], [], [], [], []
         for seed in seeds:
             done = run_once(args, f"pair/{target}", [target], [other], "mean", seed)
             result, task = done["result"], done["task"]
@@ -63,8 +65,14 @@ def pair(args, seeds: list[int]) -> list[str]:
             opinions = [np.asarray(after["opinions"][i]) for i in differ]
             own.append(float(np.mean(alignments(opinions, [task.truth[target][i] for i in differ]))))
             against.append(float(np.mean(alignments(opinions, [task.truth[other][i] for i in differ]))))
+            prediction = central_predictions(task, args.run, cache_dir=args.cache_dir or None)[target]
+            predicted_own.append(float(np.mean(alignments([prediction[i] for i in differ],
+                                                          [task.truth[target][i] for i in differ]))))
+            predicted_against.append(float(np.mean(alignments([prediction[i] for i in differ],
+                                                              [task.truth[other][i] for i in differ]))))
         own_wins.append(all(o > x for o, x in zip(own, against)))
-        lines.append(f"| {target} | {mean_sd(gains)} | {mean_sd(own)} | {mean_sd(against)} |")
+        lines.append(f"| {target} | {mean_sd(gains)} | {mean_sd(own)} | {mean_sd(against)} | {mean_sd(predicted_own)} | "
+                     f"{mean_sd(predicted_against)} |")
     verdict = "holds in every seed" if all(own_wins) else "does not hold in every seed"
     lines += ["", f"Each LM closer to its own target than to the other group on the differing questions: {verdict}.", ""]
     return lines
