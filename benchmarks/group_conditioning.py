@@ -113,7 +113,8 @@ def markdown(runs: dict[tuple[str, str], list[dict]]) -> str:
     lines = [f"Held-out groups {', '.join(first['eval_groups'])}; {len(first['train_groups'])} training groups; "
              "mean ± sd over seeds of the final model.", "",
              "| setting | method | seeds | alignment | minus the context mixture | conditioning gain | 5 context | "
-             "50 context | unseen | unseen, uninformative context |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "50 context | unseen | unseen, uninformative context | unseen, conditioning gain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (setting, method), rs in runs.items():
         finals = [r["final"] for r in rs]
         mixture = [r["baselines"]["context_mixture"]["alignment"] for r in rs]
@@ -123,7 +124,8 @@ def markdown(runs: dict[tuple[str, str], list[dict]]) -> str:
                      f"{_mean_sd([f['context_curve'].get('5') for f in finals])} | "
                      f"{_mean_sd([f['context_curve'].get('50') for f in finals])} | "
                      f"{_mean_sd([f.get('unseen', {}).get('alignment') for f in finals])} | "
-                     f"{_mean_sd([f.get('unseen', {}).get('no_context') for f in finals])} |")
+                     f"{_mean_sd([f.get('unseen', {}).get('no_context') for f in finals])} | "
+                     f"{_mean_sd([f.get('unseen', {}).get('conditioning_gain') for f in finals], '+')} |")
     by_seed = {r["seed"]: r["baselines"] for rs in runs.values() for r in rs}  # the seed draws split and contexts
     lines += ["", f"Baselines on the same draws, mean ± sd over seeds {sorted(by_seed)} (they depend on the seed's "
               "held-back split, unseen questions and context draws, not on any model):", "",

@@ -11,7 +11,9 @@ context and every other (seen) question is a target; per question the draws are 
 - alignment against context size (run-config eval-context-sizes: 1, 5, 10, 20, 50, 100; capped by
   the group's size);
 - with run-config heldout-questions, the questions no training group trained on, scored apart,
-  beside the model's prediction from an uninformative context (uniform answers).
+  beside the model's prediction from an uninformative context (uniform answers), with their own
+  conditioning gain (the swap above, scored on the unseen questions): what a reward model needs,
+  since it scores questions nobody trained on.
 
 The baselines are scored on the very same draws: uniform, the training groups' mean, the nearest
 training group and the context-fitted mixture of the training groups (those need the training
@@ -112,7 +114,7 @@ def evaluate_model(model: Predictor, groups: Sequence[HeldOutGroup], metrics: Ma
     their scores."""
     scores = {name: defaultdict(lambda: defaultdict(list)) for name in metrics}
     swapped, own_for_swap = defaultdict(lambda: defaultdict(list)), defaultdict(lambda: defaultdict(list))
-    unseen, unseen_blind = defaultdict(lambda: defaultdict(list)), defaultdict(lambda: defaultdict(list))
+    unseen = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # context kind -> group -> question -> scores
     for i, g in enumerate(groups):
         for context in g.contexts:
             targets = g.seen.subset(g.targets(context))
@@ -123,15 +125,21 @@ def evaluate_model(model: Predictor, groups: Sequence[HeldOutGroup], metrics: Ma
                 for k, s in zip(targets.keys, score(metric, targets.keys, predicted, true)):
                     scores[name][g.name][k].append(s)
             partner = _partner(groups, i, ctx.keys)
-            if partner is not None:
-                other = predict(model, _with_answers(ctx, partner.seen, partner.index), targets, device)
+            other_ctx = _with_answers(ctx, partner.seen, partner.index) if partner is not None else None
+            if other_ctx is not None:
+                other = predict(model, other_ctx, targets, device)
                 for k, s_own, s_other in zip(targets.keys, alignments(predicted, true), alignments(other, true)):
                     own_for_swap[g.name][k].append(s_own)
                     swapped[g.name][k].append(s_other)
             if g.unseen_truth:
-                for store, c in ((unseen, ctx), (unseen_blind, _uninformative(ctx))):
+                kinds = {"own": ctx, "no_context": _uninformative(ctx), "swapped": other_ctx}
+                for kind, c in kinds.items():
+                    if c is None:
+                        continue
                     for k, s in zip(g.unseen.keys, alignments(predict(model, c, g.unseen, device), g.unseen_truth)):
-                        store[g.name][k].append(s)
+                        unseen[kind][g.name][k].append(s)
+                        if kind == "own" and other_ctx is not None:
+                            unseen["own_paired"][g.name][k].append(s)
     entry: dict = {}
     for name in metrics:
         pooled, per_group, nan = _pool(scores[name])
@@ -144,7 +152,10 @@ def evaluate_model(model: Predictor, groups: Sequence[HeldOutGroup], metrics: Ma
     entry["conditioning_gain"] = entry["conditioning"]["gain"]
     entry["context_curve"] = context_curve(model, groups, device, context_sizes, entry["alignment"])
     if unseen:
-        entry["unseen"] = {"alignment": _pool(unseen)[0], "no_context": _pool(unseen_blind)[0],
+        paired = "swapped" in unseen
+        entry["unseen"] = {"alignment": _pool(unseen["own"])[0], "no_context": _pool(unseen["no_context"])[0],
+                           "conditioning_gain": _pool(unseen["own_paired"])[0] - _pool(unseen["swapped"])[0]
+                           if paired else None,
                            "n_questions": sum(g.unseen.num_questions for g in groups if g.unseen is not None)}
     return entry
 

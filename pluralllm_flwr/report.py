@@ -247,8 +247,11 @@ def _unseen_section(by_method: dict[str, list[dict]], baselines: dict) -> list[s
     uniform = baselines["uniform"].get("unseen")
     lines = ["", "## Unseen questions (no training group trained on them; final model)", "",
              f"Uniform scores {fmt(uniform)} on them; no train-mean exists there.", "",
-             "| method | with the group's context | with an uninformative context | questions |", "|---|---|---|---|"]
+             "| method | with the group's context | with an uninformative context | conditioning gain | questions |",
+             "|---|---|---|---|---|"]
     for method, us in rows.items():
+        gains = [u["conditioning_gain"] for u in us if u.get("conditioning_gain") is not None]
+        gain = f"{float(np.mean(gains)):+.4f}" if gains else "n/a"
         lines.append(f"| {method} | {fmt(float(np.mean([u['alignment'] for u in us])))} | "
-                     f"{fmt(float(np.mean([u['no_context'] for u in us])))} | {us[0]['n_questions']} |")
+                     f"{fmt(float(np.mean([u['no_context'] for u in us])))} | {gain} | {us[0]['n_questions']} |")
     return lines

@@ -19,6 +19,7 @@ from pluralllm_flwr.metrics import (alignment, alignment_w1, alignments, alignme
 from pluralllm_flwr.model import ModelConfig, Prediction, Predictor
 from pluralllm_flwr.predictors import ARCHITECTURES, build_predictor
 from pluralllm_flwr.strategies import STRATEGIES
+from pluralllm_flwr.report import write_report
 from pluralllm_flwr.results import load_results
 from pluralllm_flwr.training import (ClientOptimizer, EpisodeSizes, collate, draw_contexts, lr_factor, predict,
                                      sample_same_questions, train_steps)
@@ -182,6 +183,27 @@ def test_gain_is_zero_for_a_model_that_ignores_the_context_and_positive_for_one_
     assert reader["context_curve"]["5"] == reader["alignment"]  # the main draws are the size-5 draws
 
 
+def test_unseen_questions_have_their_own_gain_zero_when_blind_positive_when_read():
+    """The reward-model case: the context from seen questions, the targets unseen by training."""
+    groups = [HeldOutGroup(g.group, g.subset(range(20)), g.subset(range(20, 30)), i,
+                           draw_contexts(20, 5, 3, i)) for i, g in enumerate(leaning_groups([-2.0, 0.0, 2.0]))]
+    metrics = {"alignment": js_metric}
+    blind = evaluate_model(ContextBlind(), groups, metrics, "cpu", context_sizes=(5,))["unseen"]
+    assert blind["conditioning_gain"] == 0.0 and blind["n_questions"] == 30
+    reader = evaluate_model(ContextReader(), groups, metrics, "cpu", context_sizes=(5,))["unseen"]
+    assert reader["conditioning_gain"] > 0.02 and reader["alignment"] > reader["no_context"], reader
+    alone = evaluate_model(ContextReader(), groups[:1], metrics, "cpu", context_sizes=(5,))["unseen"]
+    assert alone["conditioning_gain"] is None and alone["alignment"] == pytest.approx(reader_alone(groups[:1]))
+
+
+def reader_alone(groups):
+    """The unseen alignment of ContextReader computed without evaluate_model (pooled over draws)."""
+    g = groups[0]
+    per_question = np.mean([alignments(predict(ContextReader(), g.seen.subset(c), g.unseen, "cpu"), g.unseen_truth)
+                            for c in g.contexts], 0)
+    return float(per_question.mean())
+
+
 def test_gain_does_not_apply_without_another_group_on_the_same_questions():
     a, b = leaning_groups([-1.0, 1.0])
     b = b.subset(range(3))  # answered too little to share a context
@@ -255,6 +277,8 @@ def test_unseen_questions_are_never_trained_on_and_scored_apart(tiny_config, tmp
     final = load_results(writer.out_dir)["final"]
     assert 0 < final["unseen"]["alignment"] <= 1 and final["unseen"]["n_questions"] == 10
     assert 0 < load_results(writer.out_dir)["baselines"]["uniform"]["unseen"] <= 1
+    report = write_report([writer.out_dir], tmp_path / "report").read_text()
+    assert "| with the group's context | with an uninformative context | conditioning gain | questions |" in report
     # a SuperNode's bundle carries the run's features and unseen questions, and computes the same vectors
     bundles = write_bundles(exp, exp.split.train + exp.split.eval, tmp_path / "b")
     for g in exp.split.train:
