@@ -4,8 +4,9 @@ does the aggregation rule protect the worst group? Prints Markdown tables.
 Runs (each an ordinary `pluralllm align` output folder under --out, reused when its align.json exists):
 - pair: the policy aligned to each of two groups alone (default Democrat, Republican), each LM measured
   on both groups. Reports each LM's gain over the base LM on its own target, and on the questions where
-  the two groups differ most (largest JS distance between their true answers) its alignment to its own
-  target against the other group.
+  the two groups differ most (largest JS distance between their true answers) two tests: each LM is
+  closer to its own target than to the other group, and each group is closer to the LM aligned to it
+  than to the LM aligned to the other group (fairer where the base LM already leans to one group).
 - aggregation: the policy aligned to 3+ groups at once under mean, min and adaptive aggregation;
   reports the mean and the worst group's alignment before and after.
 
@@ -62,36 +63,50 @@ def mean_sd(values) -> str:
 
 def pair(args, seeds: list[int]) -> list[str]:
     a, b = args.pair.split(",")
-    own_wins = []
-    lines = [f"### Aligned to {a} or to {b} ({len(seeds)} seeds)", "",
-             f"Gain: alignment to its own target after GRPO minus the base LM's. On the {args.differ} questions where "
-             f"{a} and {b} differ most: the aligned LM's alignment to its target and to the other group, and the same "
-             "for the reward model's prediction for the target (what GRPO pulls toward).", "",
-             "| aligned to | gain on its target | LM: own target (differing) | LM: other group (differing) | "
-             "prediction: own target (differing) | prediction: other group (differing) |",
-             "|---|---|---|---|---|---|"]
+    rows, lm = {}, {}  # lm[(aligned to, seed)] = (its alignment to a, to b) on the differing questions
     for target, other in ((a, b), (b, a)):
-        gains, own, against, predicted_own, predicted_against = [], [], [], [], []
+        gains, predicted_own, predicted_against = [], [], []
         for seed in seeds:
             done = run_once(args, f"pair/{target}", [target], [other], "mean", seed)
             result, task = done["result"], done["task"]
             before, after = result["history"][0], result["history"][-1]
             gains.append(after["per_group"][target] - before["per_group"][target])
-            distance = 1 - alignments(task.truth[target], task.truth[other])
+            distance = 1 - alignments(task.truth[a], task.truth[b])
             differ = np.argsort(-distance)[:args.differ]
             opinions = [np.asarray(after["opinions"][i]) for i in differ]
-            own.append(float(np.mean(alignments(opinions, [task.truth[target][i] for i in differ]))))
-            against.append(float(np.mean(alignments(opinions, [task.truth[other][i] for i in differ]))))
+            keys = [task.questions[i].key for i in differ]
+            lm[target, seed] = {g: float(np.mean(alignments(opinions, [task.truth[g][i] for i in differ]))) for g in (a, b)}
+            lm[target, seed]["questions"] = keys
             prediction = central_predictions(task, predictor(args, seed), cache_dir=args.cache_dir or None)[target]
             predicted_own.append(float(np.mean(alignments([prediction[i] for i in differ],
                                                           [task.truth[target][i] for i in differ]))))
             predicted_against.append(float(np.mean(alignments([prediction[i] for i in differ],
                                                               [task.truth[other][i] for i in differ]))))
+        rows[target] = (gains, predicted_own, predicted_against)
+    for seed in seeds:
+        if lm[a, seed]["questions"] != lm[b, seed]["questions"]:
+            raise SystemExit(f"seed {seed}: the two runs were measured on different questions; rerun both")
+    lines = [f"### Aligned to {a} or to {b} ({len(seeds)} seeds)", "",
+             f"Gain: alignment to its own target after GRPO minus the base LM's. On the {args.differ} questions where "
+             f"{a} and {b} differ most: the aligned LM's alignment to its target and to the other group; the LM "
+             "aligned to the other group, scored against this target; and the reward model's prediction for the "
+             "target (what GRPO pulls toward) against both groups.", "",
+             "| aligned to | gain on its target | LM: own target | LM: other group | other group's LM: this target | "
+             "prediction: own target | prediction: other group |",
+             "|---|---|---|---|---|---|---|"]
+    own_wins, lm_wins = [], []
+    for target, other in ((a, b), (b, a)):
+        gains, predicted_own, predicted_against = rows[target]
+        own = [lm[target, s][target] for s in seeds]
+        against = [lm[target, s][other] for s in seeds]
+        rival = [lm[other, s][target] for s in seeds]
         own_wins.append(all(o > x for o, x in zip(own, against)))
-        lines.append(f"| {target} | {mean_sd(gains)} | {mean_sd(own)} | {mean_sd(against)} | {mean_sd(predicted_own)} | "
-                     f"{mean_sd(predicted_against)} |")
-    verdict = "holds in every seed" if all(own_wins) else "does not hold in every seed"
-    lines += ["", f"Each LM closer to its own target than to the other group on the differing questions: {verdict}.", ""]
+        lm_wins.append(all(o > r for o, r in zip(own, rival)))
+        lines.append(f"| {target} | {mean_sd(gains)} | {mean_sd(own)} | {mean_sd(against)} | {mean_sd(rival)} | "
+                     f"{mean_sd(predicted_own)} | {mean_sd(predicted_against)} |")
+    holds = lambda wins: "holds in every seed" if all(wins) else "does not hold in every seed"  # noqa: E731
+    lines += ["", f"Each LM closer to its own target than to the other group on the differing questions: {holds(own_wins)}.",
+              f"Each group closer to the LM aligned to it than to the LM aligned to the other group: {holds(lm_wins)}.", ""]
     return lines
 
 
