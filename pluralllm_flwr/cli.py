@@ -295,7 +295,18 @@ def _print_outcome(results: dict, out_dir: Path) -> None:
     print(f"{results['method']}: final held-out alignment {final['alignment']:.4f} (round {final['round']}), "
           f"conditioning gain {fmt_gain(final)}, best {best['alignment']:.4f} (round {best['round']}); "
           f"baselines: {baseline_summary(results['baselines'])}"
-          f"\nresults: {out_dir}")
+          f"{_unseen_summary(final)}\nresults: {out_dir}")
+
+
+def _unseen_summary(final: dict) -> str:
+    """The reward-model case in one line, where the run has unseen questions (run-config heldout-questions)."""
+    unseen = final.get("unseen")
+    if not unseen:
+        return ""
+    gain = unseen.get("conditioning_gain")
+    return (f"\nunseen questions ({unseen['n_questions']} group-question pairs): {unseen['alignment']:.4f}, with an "
+            f"uninformative context {unseen['no_context']:.4f}, conditioning gain "
+            f"{'n/a' if gain is None else format(gain, '+.4f')}")
 
 
 def build_parser() -> argparse.ArgumentParser:

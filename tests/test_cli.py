@@ -118,3 +118,21 @@ def test_the_demo_writes_its_run_and_report_where_out_dir_says(tiny_paths, tmp_p
     assert main(["demo", "--dataset", "globalopinionqa", "--path", tiny_paths["data-path"], "--rounds", "2",
                  "-c", overrides]) == 0
     assert (out / "results.json").is_file() and "alignment" in (out / "report.md").read_text()
+
+
+def test_outcome_reports_the_unseen_questions_where_the_run_has_them(capsys, tmp_path):
+    from pluralllm_flwr.cli import _print_outcome
+
+    final = {"alignment": 0.95, "round": 10, "conditioning_gain": 0.01}
+    results = {"method": "centralized", "final": final, "best": final,
+               "baselines": {"uniform": {"alignment": 0.8}}}
+    _print_outcome(results, tmp_path)
+    assert "unseen" not in capsys.readouterr().out
+    final["unseen"] = {"alignment": 0.85, "no_context": 0.83, "conditioning_gain": 0.003, "n_questions": 40}
+    _print_outcome(results, tmp_path)
+    out = capsys.readouterr().out
+    assert "unseen questions (40 group-question pairs): 0.8500, with an uninformative context 0.8300, " \
+           "conditioning gain +0.0030" in out
+    final["unseen"]["conditioning_gain"] = None
+    _print_outcome(results, tmp_path)
+    assert "conditioning gain n/a" in capsys.readouterr().out
