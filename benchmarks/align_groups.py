@@ -63,7 +63,7 @@ def mean_sd(values) -> str:
 
 def pair(args, seeds: list[int]) -> list[str]:
     a, b = args.pair.split(",")
-    rows, lm = {}, {}  # lm[(aligned to, seed)] = (its alignment to a, to b) on the differing questions
+    rows, lm, asked = {}, {}, {}  # lm[(aligned to, seed)][group]: that LM's alignment to the group; asked: on which questions
     for target, other in ((a, b), (b, a)):
         gains, predicted_own, predicted_against = [], [], []
         for seed in seeds:
@@ -74,9 +74,8 @@ def pair(args, seeds: list[int]) -> list[str]:
             distance = 1 - alignments(task.truth[a], task.truth[b])
             differ = np.argsort(-distance)[:args.differ]
             opinions = [np.asarray(after["opinions"][i]) for i in differ]
-            keys = [task.questions[i].key for i in differ]
+            asked[target, seed] = [task.questions[i].key for i in differ]
             lm[target, seed] = {g: float(np.mean(alignments(opinions, [task.truth[g][i] for i in differ]))) for g in (a, b)}
-            lm[target, seed]["questions"] = keys
             prediction = central_predictions(task, predictor(args, seed), cache_dir=args.cache_dir or None)[target]
             predicted_own.append(float(np.mean(alignments([prediction[i] for i in differ],
                                                           [task.truth[target][i] for i in differ]))))
@@ -84,7 +83,7 @@ def pair(args, seeds: list[int]) -> list[str]:
                                                               [task.truth[other][i] for i in differ]))))
         rows[target] = (gains, predicted_own, predicted_against)
     for seed in seeds:
-        if lm[a, seed]["questions"] != lm[b, seed]["questions"]:
+        if asked[a, seed] != asked[b, seed]:
             raise SystemExit(f"seed {seed}: the two runs were measured on different questions; rerun both")
     lines = [f"### Aligned to {a} or to {b} ({len(seeds)} seeds)", "",
              f"Gain: alignment to its own target after GRPO minus the base LM's. On the {args.differ} questions where "
