@@ -129,7 +129,7 @@ def _find_hosts(grid: Grid, groups: list[str], wait: float) -> dict[str, int]:
     """group -> the node hosting it, once every group has one (or an error after `wait` seconds)."""
     deadline, hosts = time.monotonic() + wait, {}
     while True:
-        answered, _ = hosted_groups(grid, sorted(set(grid.get_node_ids()) - set(hosts.values())), timeout=wait)
+        answered, failed = hosted_groups(grid, sorted(set(grid.get_node_ids()) - set(hosts.values())), timeout=wait)
         for node, hosted in answered.items():
             hosts.update({g: node for g in hosted if g in groups})
         missing = [g for g in groups if g not in hosts]
@@ -137,5 +137,6 @@ def _find_hosts(grid: Grid, groups: list[str], wait: float) -> dict[str, int]:
             return hosts
         if time.monotonic() > deadline:
             raise RewardModelError(f"no node hosts {missing} after {wait:.0f} s; in simulation the nodes host the "
-                                   "run's training groups, in a deployment each node the group of its bundle")
+                                   "run's training groups, in a deployment each node the group of its bundle; nodes "
+                                   f"that could not say what they host: {failed or 'none'}")
         time.sleep(1.0)

@@ -361,3 +361,15 @@ def test_a_process_reusing_its_model_trains_exactly_as_a_fresh_one(tiny_config):
     arrays = [m.content["arrays"] for m in (first, again, fresh)]
     for key in arrays[0]:
         assert arrays[0][key].data == arrays[1][key].data == arrays[2][key].data
+
+
+def test_a_reward_request_names_the_nodes_that_could_not_say_what_they_host(monkeypatch):
+    from pluralllm_flwr.reward import RewardModelError
+    from pluralllm_flwr.reward_queries import _find_hosts
+
+    for key in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    grid = FakeGrid({1: ["G0"], 3: Error(code=0, reason="BundleError: G3.bundle.safetensors is damaged")})
+    assert _find_hosts(grid, ["G0"], wait=0) == {"G0": 1}
+    with pytest.raises(RewardModelError, match=r"no node hosts \['G3'\].*3: 'BundleError: G3.bundle"):
+        _find_hosts(grid, ["G0", "G3"], wait=0)
