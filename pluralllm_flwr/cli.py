@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import data as D
 from .config import DATASETS, DEMO_FEDERATION, DEMO_ROUNDS, FEDAVG_FEDERATION, ConfigError, RunConfig, parse_overrides
+from .forkserver import PRELOAD
 
 
 def _dataset_args(parser: argparse.ArgumentParser, with_json: bool = True) -> None:
@@ -166,9 +167,16 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     print(f"deploying {args.groups} SuperNodes and a SuperLink on 127.0.0.1 ({'no TLS' if args.insecure else 'TLS'}); "
           f"results in {cfg.out_dir}", flush=True)
     outcome = deploy_local(cfg, args.groups, insecure=args.insecure, timeout=args.timeout,
-                           echo=progress_only if args.quiet else print)
+                           echo=progress_only if args.quiet else print, warm=not args.cold_clientapps)
     _print_outcome(load_results(cfg.out_dir), Path(cfg.out_dir))
     print(f"logs of every process: {outcome['logs']}")
+    return 0
+
+
+def cmd_deploy_clientapp_server(args: argparse.Namespace) -> int:
+    from .forkserver import run
+
+    run(args.directory, [m for m in args.preload.split(",") if m])
     return 0
 
 
@@ -359,8 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--insecure", action="store_true", help="no TLS (loopback only; TLS with a demo CA otherwise)")
     q.add_argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
     q.add_argument("--quiet", action="store_true", help="show PluralLLM's progress lines only, not Flower's log")
+    q.add_argument("--cold-clientapps", action="store_true", help="every ClientApp process imports Flower and torch "
+                   "itself, as Flower's own does (default: forked from one warm process, `pluralllm clientapp-server`)")
     _overwrite_arg(q)
     q.set_defaults(func=cmd_deploy_local)
+    q = deploy.add_parser("clientapp-server", help="warm ClientApp starts for SuperNodes on this machine: Flower and "
+                          "torch imported once, a forked process per message (start SuperNodes with PATH=DIR/bin:$PATH)")
+    q.add_argument("directory", help="folder for its socket and bin/flwr-clientapp (created, owner-only)")
+    q.add_argument("--preload", default=",".join(PRELOAD), help="modules imported once, comma-separated")
+    q.set_defaults(func=cmd_deploy_clientapp_server)
     q = deploy.add_parser("certs", help="a demo certificate authority and a SuperLink certificate (TLS)")
     q.add_argument("--out-dir", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
     q.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP", help="an address the SuperNodes "

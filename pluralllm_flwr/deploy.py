@@ -14,8 +14,10 @@ import contextlib
 import ipaddress
 import json
 import math
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime, timedelta, timezone
@@ -26,12 +28,14 @@ import psutil
 from .bundle import safe_name, write_bundles
 from .config import ConfigError, RunConfig
 from .experiment import prepare_experiment
+from .forkserver import SOCKET_NAME
 from .processes import Ownership
 from .simulation import APP_DIR, FLWR, flwr_env, free_port, run_and_check, run_config_toml
 
 LOOPBACK = "127.0.0.1"
 CONNECTION = "pluralllm-local"  # the SuperLink connection name in the CLI's config.toml
 CERT_FILES = {"ca": "ca.crt", "ca_key": "ca.key", "cert": "server.pem", "key": "server.key"}
+SERVER = "clientapp-server"  # the fork server's process name, folder and log
 
 
 class DeployError(RuntimeError):
@@ -123,7 +127,8 @@ class LocalDeployment:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.certs = None if insecure else make_certificates(self.workdir / "certs")
         self.processes: dict[str, subprocess.Popen] = {}
-        self.slugs = {"superlink": "superlink"}  # process name -> name of its FLWR_HOME and log file
+        self.slugs = {"superlink": "superlink", SERVER: SERVER}  # process name -> its FLWR_HOME's and log's name
+        self.launchers: Path | None = None  # bin folder of the fork server's flwr-clientapp, once it runs
         self.cli_home = self.workdir / "home" / "cli"
         self.cli_home.mkdir(parents=True)
         connection = {"address": f"{LOOPBACK}:{self.port}"}
@@ -143,7 +148,10 @@ class LocalDeployment:
             self.owner.__exit__(None, None, None)
 
     def env(self, home: Path) -> dict[str, str]:
-        return self.owner.env(flwr_env(home))
+        env = flwr_env(home)
+        if self.launchers is not None:  # SuperExecs start flwr-clientapp by name: the fork server's launcher
+            env["PATH"] = f"{self.launchers}{os.pathsep}{env['PATH']}"
+        return self.owner.env(env)
 
     # ------------------------------------------------------------------ processes
     def start_superlink(self) -> None:
@@ -160,6 +168,18 @@ class LocalDeployment:
         self._start(group, [str(FLWR.with_name("flower-supernode")), "--superlink", f"{LOOPBACK}:{self.port}",
                             "--port", str(free_port()), "--node-config", f"bundle={json.dumps(str(Path(bundle).resolve()))}",
                             *tls])
+
+    def start_clientapp_server(self, timeout: float = 120.0) -> None:
+        """The fork server (forkserver.py) that starts every ClientApp process with Flower and torch
+        already imported; SuperNodes started after it use it."""
+        directory = self.workdir / SERVER
+        self._start(SERVER, [sys.executable, "-m", "pluralllm_flwr.forkserver", str(directory)])
+        deadline = time.monotonic() + timeout
+        while not (directory / SOCKET_NAME).is_socket():
+            if self.processes[SERVER].poll() is not None or time.monotonic() > deadline:
+                raise DeployError(f"the ClientApp fork server did not start:\n{self.tail(SERVER)}")
+            time.sleep(0.2)
+        self.launchers = directory / "bin"
 
     def log_file(self, name: str) -> Path:
         return self.logs / f"{self.slugs[name]}.log"
@@ -196,8 +216,8 @@ class LocalDeployment:
         psutil.wait_procs(alive, timeout=5)
 
     def stop(self) -> None:
-        """Stop the SuperNodes, then the SuperLink."""
-        for name in sorted(self.processes, key=lambda n: n == "superlink"):
+        """Stop the SuperNodes, then the fork server, then the SuperLink."""
+        for name in sorted(self.processes, key=lambda n: {SERVER: 1, "superlink": 2}.get(n, 0)):
             self.stop_process(name)
 
     # ------------------------------------------------------------------ federation
@@ -238,10 +258,12 @@ class LocalDeployment:
 
 
 def deploy_local(cfg: RunConfig, groups: int, *, insecure: bool = False, timeout: float | None = None,
-                 echo=print, progress: bool = True) -> dict:
+                 echo=print, progress: bool = True, warm: bool = True) -> dict:
     """The app as a real federation on 127.0.0.1: bundles for the first `groups` training groups and
     for the held-out groups, one SuperNode per training group, the SuperLink holding the held-out
-    bundles (run-config eval-bundles), then `flwr run`. The logs go to <out-dir>/deploy-logs.
+    bundles (run-config eval-bundles), then `flwr run`. The logs go to <out-dir>/deploy-logs. With
+    `warm` (the default) the SuperNodes' ClientApp processes are forked from one process that has
+    Flower and torch imported (forkserver.py); without it each imports them, as Flower's own does.
 
     Returns {"run_id", "status", "out_dir", "logs"}; raises FlowerRunError or DeployError when the run
     did not complete. Every process is stopped, and the scratch folder removed, before it returns."""
@@ -260,6 +282,8 @@ def deploy_local(cfg: RunConfig, groups: int, *, insecure: bool = False, timeout
             bundles = write_bundles(exp, chosen + exp.split.eval, workdir / "bundles")
             cfg = cfg.replace(eval_bundles=",".join(str(bundles[g]) for g in exp.split.eval))
             deployment.start_superlink()
+            if warm:
+                deployment.start_clientapp_server()
             for group in chosen:
                 deployment.start_supernode(group, bundles[group])
             deployment.wait_for_nodes(len(chosen))

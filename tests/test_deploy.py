@@ -26,7 +26,7 @@ from pluralllm_flwr.config import ConfigError, RunConfig
 from pluralllm_flwr.data import GroupSplit
 from pluralllm_flwr.deploy import LocalDeployment, make_certificates
 from pluralllm_flwr.experiment import bundle_experiment, prepare_experiment
-from pluralllm_flwr.results import TIMING_FIELDS, load_results
+from pluralllm_flwr.results import LAST_CHECKPOINT, TIMING_FIELDS, load_checkpoint, load_results
 from pluralllm_flwr.strategies import NoClientsError
 
 from .test_federated import FakeGrid, call_client, reply, strategy_for, train_reply
@@ -340,11 +340,16 @@ def test_sigterm_stops_every_process_of_a_deployment(run, tmp_path):
 
 @pytest.mark.slow
 def test_deploy_local_end_to_end_over_tls(tiny_config, tmp_path, capsys):
-    """The CI deployment: `pluralllm deploy local` with 2 SuperNodes for 2 rounds over 127.0.0.1, TLS on."""
+    """The CI deployment: `pluralllm deploy local` with 2 SuperNodes for 2 rounds over 127.0.0.1, TLS on,
+    with warm ClientApp starts (the default); the same with `--cold-clientapps` (Flower's own process
+    per message) gives byte-identical results and checkpoint."""
     cfg = tiny_config(**{"num-server-rounds": 2, "eval-every": 2})
     overrides = run_config_arg(cfg, leave_out=("min-train-nodes", "round-timeout"))  # the deployment's defaults
+    cold = tmp_path / "cold"
     with Descendants() as tree:
         assert main(["deploy", "local", "--groups", "2", "--quiet", "--timeout", "300", "-c", overrides]) == 0
+        assert main(["deploy", "local", "--groups", "2", "--quiet", "--timeout", "300", "--cold-clientapps", "-c",
+                     run_config_arg(cfg.replace(out_dir=str(cold)), leave_out=("min-train-nodes", "round-timeout"))]) == 0
     assert tree.left() == []
     out = tmp_path / "out"
     results = load_results(out)
@@ -357,7 +362,12 @@ def test_deploy_local_end_to_end_over_tls(tiny_config, tmp_path, capsys):
     assert final["heldback_alignment"] is not None and final["gradient_steps"] == 2 * 2 * cfg.local_steps
     assert results["baselines"]["train_mean"]["alignment"] is None
     assert sorted(p.name for p in (out / "deploy-logs").iterdir()) == [
-        "flwr-run.log", "node-G0.log", "node-G1.log", "superlink.log"]
+        "clientapp-server.log", "flwr-run.log", "node-G0.log", "node-G1.log", "superlink.log"]
+    assert "clientapp-server.log" not in [p.name for p in (cold / "deploy-logs").iterdir()]
+    untimed = lambda run: [{k: v for k, v in e.items() if k not in TIMING_FIELDS} for e in run["history"]]  # noqa: E731
+    assert untimed(load_results(cold)) == untimed(results)
+    weights = [load_checkpoint(run / LAST_CHECKPOINT)[0] for run in (out, cold)]
+    assert {k: v.numpy().tobytes() for k, v in weights[0].items()} == {k: v.numpy().tobytes() for k, v in weights[1].items()}
     assert "--insecure" not in (out / "deploy-logs" / "superlink.log").read_text()
     assert "train-mean, nearest group, context mixture unavailable" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0 and "unavailable" in (out / "report.md").read_text()
