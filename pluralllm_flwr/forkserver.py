@@ -92,7 +92,10 @@ def serve(socket_path: str | Path, preload: Sequence[str] = PRELOAD, ready=None)
     """Import `preload`, listen on `socket_path` (owner-only), and fork a ClientApp per request
     until SIGTERM or SIGINT. `ready()` is called once it listens."""
     for name in preload:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError as ex:
+            raise ForkServerError(f"cannot preload module {name!r}: {ex}") from ex
     if threading.active_count() > 1:  # fork copies one thread: locks another holds would stay held
         raise ForkServerError(f"importing {list(preload)} started threads; the fork server needs a single thread")
     path = Path(socket_path)

@@ -89,3 +89,22 @@ def wait_for_child(pid: int, timeout: float = 30.0) -> psutil.Process:
             return children[0]
         time.sleep(0.1)
     raise AssertionError(f"the fork server {pid} started no child within {timeout:.0f} s")
+
+
+def test_the_cli_serves_with_the_modules_it_is_told_to_preload(tmp_path):
+    folder = tmp_path / "warm"
+    proc = subprocess.Popen([sys.executable, "-m", "pluralllm_flwr.cli", "deploy", "clientapp-server", str(folder),
+                             "--preload", "json"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert f"PATH={folder / 'bin'}:$PATH" in proc.stdout.readline()
+        assert outcome([folder / "bin" / "flwr-clientapp", "--help"]) == outcome([FLOWER_CLIENTAPP, "--help"])
+        assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_module_that_cannot_be_preloaded_is_named(tmp_path):
+    done = outcome([sys.executable, "-m", "pluralllm_flwr.cli", "deploy", "clientapp-server", tmp_path / "warm",
+                    "--preload", "json,no_such_module"])
+    assert done[0] == 2 and "cannot preload module 'no_such_module'" in done[2]
