@@ -55,10 +55,13 @@ for fd in (0, 1, 2):  # a closed standard stream cannot be handed over: /dev/nul
         os.open(os.devnull, os.O_RDWR)
 payload = json.dumps({{"argv": [FLOWER, *sys.argv[1:]], "env": dict(os.environ), "cwd": os.getcwd()}}).encode()
 message = struct.pack("!I", len(payload)) + payload
-sock.sendall(message[socket.send_fds(sock, [message], [0, 1, 2]):])
-replies = sock.makefile()
-started = replies.readline()
-if not started.startswith("pid "):  # the server could not start it: nothing ran, so run Flower's own
+try:
+    sock.sendall(message[socket.send_fds(sock, [message], [0, 1, 2]):])
+    replies = sock.makefile()
+    started = replies.readline()
+except OSError:
+    started = ""
+if not started.startswith("pid "):  # the server did not start it: nothing ran, so run Flower's own
     os.execv(FLOWER, [FLOWER, *sys.argv[1:]])
 child = int(started.split()[1])
 for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -156,25 +159,28 @@ class Server:
 
     def _accept(self) -> None:
         conn, _ = self.listener.accept()
-        fds: list[int] = []
         try:
             conn.settimeout(10.0)
             request, fds = _receive_request(conn)
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                self._become_clientapp(request, fds)  # never returns
-            conn.sendall(f"pid {pid}\n".encode())
-        except Exception as ex:  # noqa: BLE001 - the launcher then runs Flower's own process
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    self._become_clientapp(request, fds)  # never returns
+            finally:
+                for fd in fds:  # the child has its own copies
+                    os.close(fd)
+        except Exception as ex:  # noqa: BLE001 - nothing ran: the launcher runs Flower's own process
             print(f"[forkserver] refused a request: {ex!r}", file=sys.stderr, flush=True)
             conn.close()
             return
-        finally:
-            for fd in fds:
-                os.close(fd)
         self.children[pid] = conn
         self.selector.register(conn, selectors.EVENT_READ, pid)
+        try:
+            conn.sendall(f"pid {pid}\n".encode())
+        except OSError:
+            self._launcher_gone(conn, pid)
 
     def _launcher_gone(self, conn: socket.socket, pid: int) -> None:
         """The launcher sends nothing after its request, so readable means it went away: stop its child."""
@@ -193,7 +199,7 @@ class Server:
                 pass
         except BlockingIOError:
             pass
-        while self.children:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:

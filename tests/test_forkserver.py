@@ -2,8 +2,10 @@
 `flwr-clientapp` (output, exit code, working directory, environment, signals), runs in a child of
 the fork server, falls back to Flower's own without a server, and leaves no process behind."""
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -79,6 +81,24 @@ def test_a_signal_to_the_launcher_ends_the_child_as_it_ends_flowers_own(server):
 def test_without_a_server_the_launcher_runs_flowers_own(tmp_path):
     launcher = write_launcher(tmp_path, tmp_path / "nobody-listens.sock") / "flwr-clientapp"
     assert outcome([launcher, "--no-such-flag"]) == outcome([FLOWER_CLIENTAPP, "--no-such-flag"])
+
+
+def test_a_server_that_refuses_leaves_the_message_to_flowers_own(tmp_path):
+    path = tmp_path / "refusing.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen()
+
+    def refuse():
+        conn, _ = listener.accept()
+        conn.close()
+    refuser = threading.Thread(target=refuse, daemon=True)
+    refuser.start()
+    launcher = write_launcher(tmp_path, path) / "flwr-clientapp"
+    assert outcome([launcher, "--no-such-flag"]) == outcome([FLOWER_CLIENTAPP, "--no-such-flag"])
+    refuser.join(timeout=5)
+    assert not refuser.is_alive()  # the launcher did ask
+    listener.close()
 
 
 def wait_for_child(pid: int, timeout: float = 30.0) -> psutil.Process:
