@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--timeout", type=float, default=None, help="stop the run after this many seconds")
     q.add_argument("--quiet", action="store_true", help="show PluralLLM's progress lines only, not Flower's log")
     q.add_argument("--cold-clientapps", action="store_true", help="every ClientApp process imports Flower and torch "
-                   "itself, as Flower's own does (default: forked from one warm process, `pluralllm clientapp-server`)")
+                   "itself, as Flower's own does (default: forked from one warm process, as `deploy clientapp-server` does)")
     _overwrite_arg(q)
     q.set_defaults(func=cmd_deploy_local)
     q = deploy.add_parser("clientapp-server", help="warm ClientApp starts for SuperNodes on this machine: Flower and "

@@ -1,7 +1,7 @@
 """Warm ClientApp starts for SuperNodes: Flower and torch imported once, still one process per message.
 
-flwr 1.42's SuperExec starts a new `flwr-clientapp` process for every message, and each spends about
-7 CPU-seconds importing Flower and torch before training for a fraction of that (docs/deployment.md).
+flwr 1.42's SuperExec starts a new `flwr-clientapp` process for every message, and each spends seconds
+of CPU importing Flower and torch before training for a fraction of that (docs/deployment.md, "Speed").
 This fork server imports them once; for every message it forks a child that runs Flower's own
 `flwr-clientapp` entry point with that message's command line, environment, working directory and
 standard streams. Each message still gets a fresh process that exits after its reply; only the
@@ -10,7 +10,7 @@ imported modules are shared (copy-on-write). Nothing in flwr is patched: the Sup
 launcher written there, which hands its command line to the server or, when no server answers,
 runs Flower's own `flwr-clientapp` unchanged.
 
-    pluralllm clientapp-server DIR        # then start the SuperNode with PATH=DIR/bin:$PATH
+    pluralllm deploy clientapp-server DIR     # then start the SuperNode with PATH=DIR/bin:$PATH
 
 The app's own modules are never preloaded: each child imports them from the run's FAB, as Flower's
 own process does, so the code that runs is the code the run shipped.
@@ -101,6 +101,11 @@ def serve(socket_path: str | Path, preload: Sequence[str] = PRELOAD, ready=None)
             raise ForkServerError(f"cannot preload module {name!r}: {ex}") from ex
     if threading.active_count() > 1:  # fork copies one thread: locks another holds would stay held
         raise ForkServerError(f"importing {list(preload)} started threads; the fork server needs a single thread")
+    for fd in (0, 1, 2):  # so that the streams a request brings arrive as descriptors 3 and up
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
     path = Path(socket_path)
     if path.exists():
         path.unlink()
@@ -224,11 +229,11 @@ class Server:
             for number in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(number, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            os.setsid()  # a process of its own, as the SuperExec's Popen would start it
+            os.setsid()  # the SuperNode's process, not the server's: a Ctrl-C to the server must not reach it
             self.selector.close()
             for s in (self.listener, self.wake_read, self.wake_write, *filter(None, self.children.values())):
                 s.close()
-            for target, fd in enumerate(fds):
+            for target, fd in enumerate(fds):  # received as 3 and up: the server keeps 0-2 open (serve)
                 os.dup2(fd, target)
                 os.close(fd)
             os.chdir(request["cwd"])
