@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from pluralllm_flwr.results import TIMING_FIELDS
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -147,3 +149,8 @@ def tiny_causal_lm(texts: list[str], vocab_size: int = 400):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     return AutoModelForCausalLM.from_config(config), tok
+
+
+def without_time(history: list[dict]) -> list[dict]:
+    """A run's history without its timing fields, the only ones that differ between equal runs."""
+    return [{k: v for k, v in e.items() if k not in TIMING_FIELDS} for e in history]

@@ -6,15 +6,13 @@ from pluralllm_flwr.centralized import train_centralized
 from pluralllm_flwr.cli import main
 from pluralllm_flwr.experiment import prepare_experiment
 from pluralllm_flwr.report import write_report
-from pluralllm_flwr.results import TIMING_FIELDS, load_checkpoint, load_results
+from pluralllm_flwr.results import load_checkpoint, load_results
+
+from .conftest import without_time
 
 CONTRACT = {"method", "dataset", "embedder", "seed", "config", "train_groups", "eval_groups", "baselines",
             "history", "best", "final"}
 ENTRY = {"round", "gradient_steps", "wall_seconds", "alignment", "per_group", "fairness"}
-
-
-def without_time(history):
-    return [{k: v for k, v in e.items() if k not in TIMING_FIELDS} for e in history]
 
 
 def test_centralized_writes_the_results_contract(tiny_config):

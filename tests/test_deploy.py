@@ -29,6 +29,7 @@ from pluralllm_flwr.experiment import bundle_experiment, prepare_experiment
 from pluralllm_flwr.results import LAST_CHECKPOINT, TIMING_FIELDS, load_checkpoint, load_results
 from pluralllm_flwr.strategies import NoClientsError
 
+from .conftest import without_time
 from .test_federated import FakeGrid, call_client, reply, strategy_for, train_reply
 
 
@@ -364,8 +365,7 @@ def test_deploy_local_end_to_end_over_tls(tiny_config, tmp_path, capsys):
     assert sorted(p.name for p in (out / "deploy-logs").iterdir()) == [
         "clientapp-server.log", "flwr-run.log", "node-G0.log", "node-G1.log", "superlink.log"]
     assert "clientapp-server.log" not in [p.name for p in (cold / "deploy-logs").iterdir()]
-    untimed = lambda run: [{k: v for k, v in e.items() if k not in TIMING_FIELDS} for e in run["history"]]  # noqa: E731
-    assert untimed(load_results(cold)) == untimed(results)
+    assert without_time(load_results(cold)["history"]) == without_time(results["history"])
     weights = [load_checkpoint(run / LAST_CHECKPOINT)[0] for run in (out, cold)]
     assert {k: v.numpy().tobytes() for k, v in weights[0].items()} == {k: v.numpy().tobytes() for k, v in weights[1].items()}
     assert "--insecure" not in (out / "deploy-logs" / "superlink.log").read_text()

@@ -15,8 +15,9 @@ import psutil
 import pytest
 
 from pluralllm_flwr.processes import Ownership, owned
-from pluralllm_flwr.results import TIMING_FIELDS, load_results
+from pluralllm_flwr.results import load_results
 
+from .conftest import without_time
 from .test_deploy import run_config_arg
 
 PLURALLLM = Path(sys.executable).with_name("pluralllm")
@@ -76,7 +77,7 @@ class Command:
 
 
 def metrics(out_dir) -> list[dict]:
-    return [{k: v for k, v in e.items() if k not in TIMING_FIELDS} for e in load_results(out_dir)["history"]]
+    return without_time(load_results(out_dir)["history"])
 
 
 # ----------------------------------------------------------------------------- the mechanism

@@ -16,9 +16,11 @@ from pluralllm_flwr.experiment import prepare_experiment
 from pluralllm_flwr.config import ConfigError, RunConfig, read_batch
 from pluralllm_flwr.grid import (LOCAL_PULL_INTERVAL, REMOTE_PULL_INTERVAL, RUN_CONFIG, PromptGrid, RunGrid,
                                  prompt_grid)
-from pluralllm_flwr.results import TIMING_FIELDS, ResultsWriter
+from pluralllm_flwr.results import ResultsWriter
 
 from pluralllm_flwr.strategies import CONTROL, CORRECTION, UNIT_WEIGHT, NoClientsError, build_strategy
+
+from .conftest import without_time
 
 
 def reply(node: int, content: RecordDict | None = None, error: Error | None = None, kind: str = "train", to: str = "x"):
@@ -307,8 +309,7 @@ def test_a_batch_in_one_flower_run_equals_separate_runs_whatever_the_node_layout
     overrides = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
                          for k, v in alone.to_mapping().items())
     assert main(["simulate", "--quiet", "--num-supernodes", "2", "--timeout", "400", "--run-config", overrides]) == 0
-    histories = [[{k: v for k, v in e.items() if k not in TIMING_FIELDS} for e in load_results(path)["history"]]
-                 for path in (cfgs[-1].out_dir, alone.out_dir)]
+    histories = [without_time(load_results(path)["history"]) for path in (cfgs[-1].out_dir, alone.out_dir)]
     assert histories[0] == histories[1]
 
 
