@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_simulation import in_process_rounds  # noqa: E402
 from pluralllm_flwr.config import RunConfig  # noqa: E402
+from pluralllm_flwr import forkserver  # noqa: E402
 from pluralllm_flwr.deploy import SERVER, deploy_local  # noqa: E402
 from pluralllm_flwr.experiment import prepare_experiment  # noqa: E402
 from pluralllm_flwr.simulation import simulate  # noqa: E402
@@ -44,7 +45,7 @@ from tests.conftest import synthetic_goqa  # noqa: E402
 
 GROUPS = 3
 ROUND_LINE = re.compile(r"\[ROUND (\d+)/\d+\]")
-FORKSERVER, LAUNCHER = "pluralllm_flwr.forkserver", f"{SERVER}/bin/flwr-clientapp"
+FORKSERVER, LAUNCHER = forkserver.__name__, str(forkserver.launcher_dir(SERVER) / forkserver.LAUNCHER)  # as in a cmdline
 STAGE_LINE = re.compile(r"\[pluralllm\] train .* \(pid (\d+)\): ([\d.]+) s from process start, ([\d.]+) s set-up, "
                         r"([\d.]+) s train")
 

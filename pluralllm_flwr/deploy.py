@@ -28,7 +28,7 @@ import psutil
 from .bundle import safe_name, write_bundles
 from .config import ConfigError, RunConfig
 from .experiment import prepare_experiment
-from .forkserver import SOCKET_NAME
+from .forkserver import SOCKET_NAME, launcher_dir
 from .processes import Ownership
 from .simulation import APP_DIR, FLWR, flwr_env, free_port, run_and_check, run_config_toml
 
@@ -179,7 +179,7 @@ class LocalDeployment:
             if self.processes[SERVER].poll() is not None or time.monotonic() > deadline:
                 raise DeployError(f"the ClientApp fork server did not start:\n{self.tail(SERVER)}")
             time.sleep(0.2)
-        self.launchers = directory / "bin"
+        self.launchers = launcher_dir(directory)
 
     def log_file(self, name: str) -> Path:
         return self.logs / f"{self.slugs[name]}.log"

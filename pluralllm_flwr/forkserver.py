@@ -79,10 +79,15 @@ class ForkServerError(RuntimeError):
     """The fork server cannot start."""
 
 
+def launcher_dir(directory: str | Path) -> Path:
+    """The folder a SuperNode's PATH must start with to run the fork server of `directory`."""
+    return Path(directory) / "bin"
+
+
 def write_launcher(directory: str | Path, socket_path: str | Path, flower: str | Path = FLOWER_CLIENTAPP) -> Path:
     """`<directory>/bin/flwr-clientapp`, the launcher a SuperNode runs once its PATH starts with
-    `<directory>/bin`. Returns the bin folder."""
-    bin_dir = Path(directory).resolve() / "bin"
+    `launcher_dir(directory)`. Returns that folder."""
+    bin_dir = launcher_dir(Path(directory).resolve())
     bin_dir.mkdir(parents=True, exist_ok=True)
     launcher = bin_dir / LAUNCHER
     launcher.write_text(LAUNCHER_SOURCE.format(python=sys.executable, module=__name__,
