@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, cache_folder
 from .data import Question, seeded_rng
-from .embeddings import LETTERS, cache_folder, resolve_model
+from .embeddings import LETTERS, resolve_model
 from .experiment import prepare_experiment
 from .metrics import alignments
 from .results import BEST_CHECKPOINT, load_results

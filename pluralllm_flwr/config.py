@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, fields
@@ -71,7 +72,7 @@ class RunConfig:
     # embeddings
     embedder: str = "minilm"
     features: str = "question-option-position"  # what the predictor reads per option (features.py)
-    cache_dir: str = ""               # "" = ~/.cache/pluralllm
+    cache_dir: str = ""               # "" = cache_folder()'s default: ~/.cache/pluralllm, or under XDG_CACHE_HOME
     # run
     out_dir: str = ""                 # "" = runs/<timestamp> under the current directory
     seed: int = 0
@@ -242,7 +243,7 @@ class RunConfig:
 
     @property
     def cache_path(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "pluralllm"
+        return cache_folder(self.cache_dir)
 
     def group_list(self, which: str) -> list[str] | str:
         """`train-groups`/`eval-groups` as a list of names, or "" (default split) / "auto". Names are
@@ -251,6 +252,14 @@ class RunConfig:
         if raw in ("", "auto"):
             return raw
         return [g.strip() for g in raw.split(";" if ";" in raw else ",") if g.strip()]
+
+
+def cache_folder(cache_dir: str | Path | None = None) -> Path:
+    """The given cache folder, or the default (~/.cache/pluralllm, or under XDG_CACHE_HOME): one rule for
+    the run-config's cache-dir and for the commands that take --cache-dir."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pluralllm"
 
 
 def read_batch(path: str | Path) -> list[RunConfig]:

@@ -22,6 +22,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
+from .config import cache_folder
 from .data import GroupVectors, PreferenceData, Question
 
 PROMPT_FORMAT = "gpo-alpaca-v1"
@@ -250,13 +251,6 @@ def _encode(tok, net, texts: list[str], max_length: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- cache
-
-
-def cache_folder(cache_dir: str | Path | None = None) -> Path:
-    """The given cache folder, or the default (~/.cache/pluralllm, or under XDG_CACHE_HOME)."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pluralllm"
 
 
 def _digest(obj) -> str:

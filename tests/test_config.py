@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pluralllm_flwr.config import ConfigError, RunConfig
+from pluralllm_flwr.config import ConfigError, RunConfig, cache_folder
 
 
 def test_pyproject_defaults_equal_the_typed_view():
@@ -52,3 +52,10 @@ def test_context_sizes_are_checked_and_parsed():
     for bad in ("", "a,b", "0,5"):
         with pytest.raises(ConfigError, match="eval-context-sizes"):
             RunConfig(eval_context_sizes=bad)
+
+
+def test_the_run_config_and_the_commands_find_the_same_default_cache(monkeypatch, tmp_path):
+    """Training caches what `pluralllm align` and `score` later read: one rule for both, XDG_CACHE_HOME honoured."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert RunConfig().cache_path == cache_folder() == tmp_path / "pluralllm"
+    assert RunConfig(cache_dir="~/elsewhere").cache_path == cache_folder("~/elsewhere") == Path.home() / "elsewhere"
