@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pluralllm_flwr.data import (OPINIONQA_EVAL, OPINIONQA_TRAIN, load_opinionqa,  # noqa: E402
@@ -68,10 +69,7 @@ def correlations(data, table, features, seed: int, args) -> tuple[dict[str, tupl
     stem /= np.linalg.norm(stem, axis=1, keepdims=True)
     siblings = {q: [s for s in seen if data.questions[s].options == data.questions[q].options] for q in unseen}
     covered = [q for q in unseen if siblings[q]]
-    weights = {}
-    for q in covered:
-        w = np.exp((stem[siblings[q]] @ stem[q] - 1.0) / args.temperature)
-        weights[q] = w / w.sum()
+    weights = {q: softmax(stem[siblings[q]] @ stem[q] / args.temperature) for q in covered}
     seen_rows, unseen_rows, covered_rows = rows(seen), rows(unseen), rows(covered)
     out = {}
     for g, dev in deviation.items():
