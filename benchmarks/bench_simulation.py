@@ -1,18 +1,20 @@
-"""Cost of the Flower simulation against the same client work done in one process; prints Markdown.
+"""Cost of the Flower simulation against the same client work done without Flower; prints Markdown.
 
 For each number of clients (groups), synthetic GlobalOpinionQA-format data with that many groups
 (plus one held-out group) is trained for R rounds (a) in one Python process — per round, every
 group's local steps from the global weights, then the weighted average, with the same episodes as
-the ClientApp draws — and (b) with `pluralllm simulate` (Ray, one virtual SuperNode per group, two
-client processes at a time on this 2-core machine). Reported: steady-state seconds per round
-(rounds after the first, evaluation excluded), the start-up cost (the whole `flwr run` minus R
-steady rounds), and the peak extra memory of the machine while it ran.
+the ClientApp draws — with torch's threads and with one, (b) on two 1-thread worker processes at
+once, and (c) with `pluralllm simulate` (Ray, one virtual SuperNode per group, two client processes
+at a time on this 2-core machine). Reported: steady-state seconds per round (the median of rounds
+2..R, evaluation excluded), Flower's start-up and teardown (the whole `flwr run` less its training
+and evaluation), and the peak extra memory of the machine while it ran.
 
     .venv/bin/python benchmarks/bench_simulation.py [--clients 8 32 128] [--rounds 6]
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shutil
 import sys
 import tempfile
@@ -30,7 +32,7 @@ from pluralllm_flwr.experiment import prepare_experiment  # noqa: E402
 from pluralllm_flwr.results import load_results  # noqa: E402
 from pluralllm_flwr.simulation import simulate  # noqa: E402
 from tests.conftest import synthetic_goqa  # noqa: E402
-from benchmarks.fedavg_in_process import mean_update  # noqa: E402
+from benchmarks.fedavg_in_process import local_training, mean_update  # noqa: E402
 
 
 class PeakMemory:
@@ -53,23 +55,57 @@ class PeakMemory:
         self.thread.join()
 
 
-def in_process_rounds(cfg: RunConfig, rounds: int) -> tuple[list[float], list[float]]:
-    """Seconds of each round of the same client work without Flower (benchmarks/fedavg_in_process.py),
-    and of the same rounds on two ideal workers that take the groups' trainings in turn, as the
-    simulation's two client processes do: a synchronous round waits for the later one to finish."""
+def in_process_rounds(cfg: RunConfig, rounds: int) -> list[float]:
+    """Seconds of each round of the same client work without Flower (benchmarks/fedavg_in_process.py)."""
     exp = prepare_experiment(cfg, progress=False)
     state = exp.build_model().state_dict()
-    times, two_workers = [], []
+    times = []
     for server_round in range(1, rounds + 1):
-        start, clients = time.perf_counter(), []
-        update, _ = mean_update(exp, state, server_round, client_seconds=clients)  # FedAvg: add the mean update
+        start = time.perf_counter()
+        update, _ = mean_update(exp, state, server_round)  # FedAvg: add the mean update
         state = {k: state[k] + update[k] for k in state}
         times.append(time.perf_counter() - start)
-        free = [0.0, 0.0]  # when each worker is next free
-        for seconds in clients:
-            free[free.index(min(free))] += seconds
-        two_workers.append(max(free))
-    return times, two_workers
+    return times
+
+
+_worker: tuple = ()  # a two-process worker's (experiment, model, initial weights)
+_barrier = None
+
+
+def _start_worker(cfg: RunConfig, barrier) -> None:
+    global _worker, _barrier
+    torch.set_num_threads(1)  # as each virtual client runs
+    exp = prepare_experiment(cfg, progress=False)
+    model = exp.build_model()
+    _worker = (exp, model, {k: v.clone() for k, v in model.state_dict().items()})
+    _barrier = barrier
+
+
+def _ready(_) -> None:
+    _barrier.wait()  # blocks this worker until the other one is set up too
+
+
+def _train_one(job: tuple[str, int]) -> None:
+    exp, model, state = _worker
+    group, server_round = job
+    local_training(exp, model, state, [group], group, server_round)
+
+
+def two_process_rounds(cfg: RunConfig, rounds: int) -> list[float]:
+    """Seconds of each round of the same groups' trainings on two 1-thread worker processes at once,
+    handed out one group at a time as the simulation's actor pool does, without Flower: what two
+    processes sharing this machine cost by themselves. (Each worker trains from the initial weights
+    every round; a step's cost does not depend on the weights' values.)"""
+    groups = prepare_experiment(cfg, progress=False).split.train
+    times = []
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(2, initializer=_start_worker, initargs=(cfg, spawn.Barrier(2))) as pool:
+        pool.map(_ready, [0, 1], chunksize=1)  # both workers are set up before the first round
+        for server_round in range(1, rounds + 1):
+            start = time.perf_counter()
+            pool.map(_train_one, [(g, server_round) for g in groups], chunksize=1)
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -84,43 +120,52 @@ def main() -> None:
     for n in args.clients:
         groups = [f"G{i:03d}" for i in range(n + 1)]
         data = synthetic_goqa(scratch / f"goqa{n}.csv", groups, n_questions=args.questions)
+        # Every round is evaluated (on the server; heldback-fraction 0: no client evaluation messages), so
+        # the history times each round, and train_seconds leaves the server's evaluations out: neither
+        # side of the comparison evaluates.
         cfg = RunConfig(data_path=str(data), train_groups=",".join(groups[:-1]), eval_groups=groups[-1],
-                        cache_dir=str(scratch / "cache"), num_server_rounds=args.rounds, eval_every=args.rounds,
-                        eval_draws=1, out_dir=str(scratch / f"run{n}"), model=args.model,
+                        cache_dir=str(scratch / "cache"), num_server_rounds=args.rounds, eval_every=1,
+                        heldback_fraction=0.0, eval_draws=1, out_dir=str(scratch / f"run{n}"), model=args.model,
                         features="raw" if args.model == "gpo" else RunConfig.features)
-        prepare_experiment(cfg, progress=False)  # embed once, outside both timings
+        prepare_experiment(cfg, progress=False)  # embed once, outside every timing
         with PeakMemory() as base_mem:
-            base, _ = in_process_rounds(cfg, args.rounds)
+            base = in_process_rounds(cfg, args.rounds)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as each virtual client runs; the simulation runs two of them at once
-        single, packed = in_process_rounds(cfg, args.rounds)
+        single = in_process_rounds(cfg, args.rounds)
         torch.set_num_threads(threads)
+        two = two_process_rounds(cfg, args.rounds)
         start = time.perf_counter()
         with PeakMemory() as sim_mem:
             simulate(cfg, n, echo=lambda line: None)
         wall = time.perf_counter() - start
         history = load_results(cfg.out_dir)["history"]
-        # Round 0 is evaluated after the nodes answered the host query (Ray actors are up by then), so
-        # rounds 1..R between the two evaluation points are steady state (plus one tiny evaluation).
-        per_round_sim = (history[-1]["wall_seconds"] - history[0]["wall_seconds"]) / args.rounds
-        steady_base, steady_single, steady_packed = (float(np.median(t[1:])) for t in (base, single, packed))
-        rows.append((n, steady_base, steady_single, steady_packed, per_round_sim, wall, wall - args.rounds * per_round_sim,
-                     base_mem.peak / 2**30, sim_mem.peak / 2**30))
-        print(f"{n} clients done: in-process {steady_base:.2f} s/round ({steady_single:.2f} with 1 thread), "
-              f"simulation {per_round_sim:.2f} s/round",
-              file=sys.stderr, flush=True)
-    print(f"\n{args.rounds} rounds, {args.questions} questions per group, 6 local steps, MiniLM (384-d), "
-          f"torch {torch.__version__}, {psutil.cpu_count()} CPUs. 'Ideal' = the 1-thread in-process time / 2: "
-          "the two 1-thread client processes of the simulation with no overhead at all; 'two workers' = the "
-          "same groups' 1-thread trainings taken in turn by two workers, so a round also waits for the later "
-          "one (what a synchronous round costs without Flower).\n")
-    print("| clients | in-process s/round (torch threads) | in-process s/round (1 thread) | two workers s/round | "
-          "simulation s/round | simulation vs ideal | simulation vs two workers | `flwr run` wall s | "
-          "start-up + teardown s | peak extra RAM in-process | peak extra RAM simulation |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for n, base, single, packed, sim, wall, startup, mem_base, mem_sim in rows:
-        print(f"| {n} | {base:.2f} | {single:.2f} | {packed:.2f} | {sim:.2f} | {100 * (sim / (single / 2) - 1):+.0f}% | "
-              f"{100 * (sim / packed - 1):+.0f}% | {wall:.1f} | {startup:.1f} | {mem_base:.2f} GiB | {mem_sim:.2f} GiB |")
+        sim = np.diff([h["train_seconds"] for h in history])  # rounds 1..R, each from the end of the last
+        # Round 1 pays each process's first-call set-up (model, first torch calls) on both sides: left out.
+        row = {"clients": n, **{k: float(np.median(t[1:])) for k, t in
+                                (("base", base), ("single", single), ("two", two), ("sim", sim))},
+               "wall": wall, "startup": wall - history[-1]["wall_seconds"],
+               "mem_base": base_mem.peak / 2**30, "mem_sim": sim_mem.peak / 2**30}
+        rows.append(row)
+        print(f"{n} clients done: in-process {row['base']:.2f} s/round ({row['single']:.2f} with 1 thread), two "
+              f"processes {row['two']:.2f}, simulation {row['sim']:.2f} s/round", file=sys.stderr, flush=True)
+    print(f"\n{args.rounds} rounds (medians of rounds 2..{args.rounds}), {args.questions} questions per group, 6 local "
+          f"steps, MiniLM (384-d), torch {torch.__version__}, {psutil.cpu_count()} CPUs. 'Ideal' = the 1-thread "
+          "in-process round / 2: the simulation's two 1-thread client processes with no cost beyond training. "
+          "'Two processes' = the same trainings on two 1-thread worker processes at once, handed out one group at "
+          "a time, without Flower: what sharing this machine costs by itself. A simulated message's cost against "
+          "the same training in one 1-thread process is 'simulation / ideal' = 'two processes / ideal' (the "
+          "machine) × 'simulation / two processes' (Flower).\n")
+    print("| clients | in-process s/round (torch threads) | in-process s/round (1 thread) | ideal s/round | "
+          "two processes s/round | simulation s/round | simulation / ideal | two processes / ideal | "
+          "simulation / two processes | `flwr run` wall s | start-up + teardown s | peak extra RAM in-process | "
+          "peak extra RAM simulation |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ideal = r["single"] / 2
+        print(f"| {r['clients']} | {r['base']:.2f} | {r['single']:.2f} | {ideal:.2f} | {r['two']:.2f} | {r['sim']:.2f} | "
+              f"{r['sim'] / ideal:.2f}× | {r['two'] / ideal:.2f}× | {r['sim'] / r['two']:.2f}× | {r['wall']:.1f} | "
+              f"{r['startup']:.1f} | {r['mem_base']:.2f} GiB | {r['mem_sim']:.2f} GiB |")
     shutil.rmtree(scratch)  # its data, caches and runs
 
 

@@ -36,37 +36,41 @@ from pluralllm_flwr.training import ClientOptimizer, lr_factor, train_steps  # n
 IN_PROCESS = ("fedavg", "fedprox", "fedavgm", "fedadam")
 
 
-def mean_update(exp: Experiment, global_state: dict, server_round: int, *, pooled: bool = False,
-                client_seconds: list[float] | None = None) -> tuple[dict, list[float]]:
-    """Every training group's local training from the global weights, as its ClientApp does it (at the
-    round's lr of the schedule): the weighted mean of their updates and their step losses; each group's
-    training seconds go to `client_seconds`. `pooled`: one client holding every group instead (the
-    episodes are the same in kind, drawn from one stream)."""
+def mean_update(exp: Experiment, global_state: dict, server_round: int, *, pooled: bool = False
+                ) -> tuple[dict, list[float]]:
+    """Every training group's local training from the global weights, as its ClientApp does it: the
+    weighted mean of their updates and their step losses. `pooled`: one client holding every training
+    group instead (the episodes are the same in kind, drawn from one stream)."""
     cfg = exp.cfg
-    lr = cfg.lr * lr_factor(server_round - 1, cfg.num_server_rounds, cfg.lr_schedule, cfg.warmup_steps)
     model = exp.build_model()
     groups = exp.split.train
     sizes = np.array([exp.vectors(g, "train").num_questions for g in groups], np.float64)
     weights = sizes / sizes.sum() if cfg.weighting == "num-examples" else np.full(len(groups), 1 / len(groups))
-    mu = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
     clients = [(1.0, groups, "pooled")] if pooled else [(w, [g], g) for w, g in zip(weights, groups)]
     update = {k: torch.zeros_like(v) for k, v in global_state.items()}
     losses: list[float] = []
     for weight, members, stream in clients:
-        started = time.perf_counter()
-        model.load_state_dict(global_state)
-        shared = seeded_rng(cfg.seed, "questions", server_round) if cfg.episode_sampler == "same-questions" else None
-        anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
-        losses += train_steps(model, ClientOptimizer(model.parameters(), cfg.client_optimizer, lr),
-                              [exp.vectors(g, "train") for g in members], cfg.local_steps, exp.sizes,
-                              seeded_rng(cfg.seed, "train", stream, server_round), "cpu",
-                              proximal_mu=mu, anchor=anchor, same_questions=shared,
-                              episodes_per_step=cfg.episodes_per_step)
-        if client_seconds is not None:
-            client_seconds.append(time.perf_counter() - started)
+        losses += local_training(exp, model, global_state, members, stream, server_round)
         for key, value in model.state_dict().items():
             update[key] += weight * (value - global_state[key])
     return update, losses
+
+
+def local_training(exp: Experiment, model: torch.nn.Module, global_state: dict, members: list[str], stream: str,
+                   server_round: int) -> list[float]:
+    """One client's round, as its ClientApp trains it (at the round's lr of the schedule, with the same
+    episode stream, FedProx term and same-questions sampler): `model` ends with the client's weights;
+    returns its step losses."""
+    cfg = exp.cfg
+    lr = cfg.lr * lr_factor(server_round - 1, cfg.num_server_rounds, cfg.lr_schedule, cfg.warmup_steps)
+    mu = cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
+    model.load_state_dict(global_state)
+    shared = seeded_rng(cfg.seed, "questions", server_round) if cfg.episode_sampler == "same-questions" else None
+    anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
+    return train_steps(model, ClientOptimizer(model.parameters(), cfg.client_optimizer, lr),
+                       [exp.vectors(g, "train") for g in members], cfg.local_steps, exp.sizes,
+                       seeded_rng(cfg.seed, "train", stream, server_round), "cpu",
+                       proximal_mu=mu, anchor=anchor, same_questions=shared, episodes_per_step=cfg.episodes_per_step)
 
 
 class Server:
