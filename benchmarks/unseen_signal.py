@@ -18,6 +18,8 @@ deviation from the training groups' mean answer (per option) with:
 With --run, a trained predictor's own predictions for Democrat and Republican (the reward path of
 `pluralllm align`, from contexts of each size in --contexts) on the --top unseen questions where the two
 groups differ most: is each prediction closer to its own group than to the other?
+And for every group, its prediction's alignment to the group's own answers against the other groups'
+(which groups the reward model tells apart on new questions at all).
 With --persona, the policy LM (SmolLM2-135M-Instruct) asked to answer "as a Democrat" and "as a
 Republican" (`align.lm_opinions`): does the difference of its two opinions follow the parties'?
 
@@ -102,6 +104,29 @@ def predictor_separation(run: str, args) -> list[str]:
     return lines
 
 
+def group_separation(runs: list[str], size: int) -> list[str]:
+    """For every group, a trained predictor's prediction on the run's unseen questions (from a context
+    of `size`, drawn as `pluralllm align` draws it): its alignment to the group's own answers against its
+    mean alignment to every other group's, one row per group over the runs."""
+    from pluralllm_flwr.align import alignment_task, central_predictions
+
+    groups = OPINIONQA_TRAIN + OPINIONQA_EVAL
+    own, others = {g: [] for g in groups}, {g: [] for g in groups}
+    for run in runs:
+        task = alignment_task(run, groups, size, 0, 0)
+        predicted = central_predictions(task, run)
+        for g in groups:
+            to = {h: alignments(predicted[g], task.truth[h]).mean() for h in groups}
+            own[g].append(to[g])
+            others[g].append(np.mean([v for h, v in to.items() if h != g]))
+    lines = []
+    for g in sorted(groups, key=lambda g: -np.mean(np.subtract(own[g], others[g]))):
+        gap = np.subtract(own[g], others[g])
+        lines.append(f"| {g} | {np.mean(own[g]):.4f} | {np.mean(others[g]):.4f} | {np.mean(gap):+.4f} ± {np.std(gap):.4f} "
+                     f"| {int(np.sum(gap > 0))} of {len(gap)} |")
+    return lines
+
+
 def persona_correlation(data, seed: int, args) -> tuple[float, float]:
     """Correlation of the LM's 'as a Democrat' minus 'as a Republican' opinions with the parties' true
     difference, over the seed's unseen questions and over the --top of them where the parties differ most."""
@@ -170,8 +195,13 @@ def main() -> None:
               "Republicans differ most: alignment to the predicted group and to the other one\n\n| run | context | "
               "unseen questions | Democrat prediction: to Democrats | to Republicans | Republican prediction: to "
               "Republicans | to Democrats |\n|---|---|---|---|---|---|---|")
-        runs = dict.fromkeys(args.run.format(seed=s) for s in seeds)
+        runs = list(dict.fromkeys(args.run.format(seed=s) for s in seeds))
         print("\n".join(line for run in runs for line in predictor_separation(run, args)))
+        print(f"\nEvery group: the predictor's prediction for it on the unseen questions (context {args.contexts[0]}), "
+              "its alignment to the group's answers and its mean alignment to the other groups' (mean over the "
+              "runs; the separation is the difference)\n\n| group | to its own | to the others | separation | "
+              "runs where positive |\n|---|---|---|---|---|")
+        print("\n".join(group_separation(runs, args.contexts[0])))
 
 
 if __name__ == "__main__":
