@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pluralllm_flwr.align import ALIGN_FILE, AlignSettings, align, alignment_task, central_predictions  # noqa: E402
 from pluralllm_flwr.align_report import write_align_report  # noqa: E402
+from pluralllm_flwr.config import group_names  # noqa: E402
 from pluralllm_flwr.metrics import alignments  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def mean_sd(values) -> str:
 
 
 def pair(args, seeds: list[int]) -> list[str]:
-    a, b = args.pair.split(",")
+    a, b = group_names(args.pair)
     rows, lm, asked = {}, {}, {}  # lm[(aligned to, seed)][group]: that LM's alignment to the group; asked: on which questions
     for target, other in ((a, b), (b, a)):
         gains, predicted_own, predicted_against = [], [], []
@@ -110,7 +111,7 @@ def pair(args, seeds: list[int]) -> list[str]:
 
 
 def aggregation(args, seeds: list[int]) -> list[str]:
-    groups = args.groups.split(",")
+    groups = group_names(args.groups)
     lines = [f"### Aggregation over {', '.join(groups)} ({len(seeds)} seeds)", "",
              "| aggregation | mean before | mean after | worst group before | worst group after |", "|---|---|---|---|---|"]
     worst = {}
@@ -138,7 +139,8 @@ def main() -> None:
     p.add_argument("--run", required=True, help="a training run with heldout-questions > 0 (make align trains one); "
                    "with {seed} in it, one run per seed (e.g. runs/align/predictor-seed{seed})")
     p.add_argument("--pair", default="Democrat,Republican")
-    p.add_argument("--groups", default="Democrat,Republican,Liberal", help="3+ groups for the aggregation runs")
+    p.add_argument("--groups", default="Democrat,Republican,Liberal", help="3+ groups for the aggregation runs, "
+                   "separated by semicolons when a name has a comma")
     p.add_argument("--experiments", default="pair,aggregation")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=AlignSettings.steps)

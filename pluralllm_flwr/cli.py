@@ -12,7 +12,8 @@ import traceback
 from pathlib import Path
 
 from . import data as D
-from .config import DATASETS, DEMO_FEDERATION, DEMO_ROUNDS, FEDAVG_FEDERATION, ConfigError, RunConfig, parse_overrides
+from .config import (DATASETS, DEMO_FEDERATION, DEMO_ROUNDS, FEDAVG_FEDERATION, ConfigError, RunConfig, group_names,
+                     parse_overrides)
 from .forkserver import PRELOAD
 
 
@@ -220,8 +221,7 @@ def cmd_align(args: argparse.Namespace) -> int:
              "eval_every": args.eval_every}  # None: AlignSettings' default
     settings = AlignSettings(aggregate=args.aggregate, seed=args.seed,
                              **{k: v for k, v in given.items() if v is not None})
-    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
-    measure = [g.strip() for g in args.measure.split(",") if g.strip()]
+    groups, measure = group_names(args.groups), group_names(args.measure)
     task = alignment_task(args.run, groups, args.context, args.questions, args.seed, measure_also=measure,
                           read_contexts=not args.federated)
     out = Path(args.out or f"runs/align/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -421,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("align", help="steer a language model toward groups' opinions with GRPO, a run's predictor as "
                        "the reward model, on questions the predictor never trained on; report in runs/align/<ts>/")
     p.add_argument("--run", required=True, help="a training run's directory, trained with heldout-questions > 0")
-    p.add_argument("--groups", required=True, help="comma-separated groups of the run's data to align to")
-    p.add_argument("--measure", default="", help="comma-separated groups to measure too, not aligned to")
+    p.add_argument("--groups", required=True, help="groups of the run's data to align to, separated by "
+                   "commas, or by semicolons when a name has a comma (\"Less than $30,000;Hispanic\")")
+    p.add_argument("--measure", default="", help="groups to measure too, not aligned to (as --groups)")
     p.add_argument("--policy", default="smollm2", help="smollm2 (offline SmolLM2-135M-Instruct) | a hub id | a folder")
     p.add_argument("--aggregate", default="mean", choices=["mean", "min", "adaptive"], help="several groups' rewards")
     p.add_argument("--federated", action="store_true",

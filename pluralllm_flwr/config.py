@@ -246,12 +246,17 @@ class RunConfig:
         return cache_folder(self.cache_dir)
 
     def group_list(self, which: str) -> list[str] | str:
-        """`train-groups`/`eval-groups` as a list of names, or "" (default split) / "auto". Names are
-        separated by ";" when there is one (OpinionQA has names with commas: "$100,000 or more"), else by ","."""
+        """`train-groups`/`eval-groups` as a list of names (`group_names`), or "" (default split) / "auto"."""
         raw = getattr(self, which).strip()
         if raw in ("", "auto"):
             return raw
-        return [g.strip() for g in raw.split(";" if ";" in raw else ",") if g.strip()]
+        return group_names(raw)
+
+
+def group_names(raw: str) -> list[str]:
+    """Group names given in one string, by run-config or on a command line: separated by ";" when there is
+    one (OpinionQA has names with commas: "$100,000 or more"), else by ","."""
+    return [g.strip() for g in raw.split(";" if ";" in raw else ",") if g.strip()]
 
 
 def cache_folder(cache_dir: str | Path | None = None) -> Path:

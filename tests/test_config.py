@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pluralllm_flwr.config import ConfigError, RunConfig, cache_folder
+from pluralllm_flwr.config import ConfigError, RunConfig, cache_folder, group_names
 
 
 def test_pyproject_defaults_equal_the_typed_view():
@@ -45,6 +45,9 @@ def test_group_lists_split_on_semicolons_when_names_have_commas():
     assert RunConfig(train_groups="A, B").group_list("train_groups") == ["A", "B"]
     assert RunConfig(train_groups="$100,000 or more; Female").group_list("train_groups") == ["$100,000 or more", "Female"]
     assert RunConfig(eval_groups="auto").group_list("eval_groups") == "auto"
+    # the same rule for the commands that take groups (pluralllm align --groups/--measure)
+    assert group_names("Less than $30,000;Hispanic") == ["Less than $30,000", "Hispanic"]
+    assert group_names("Democrat,Republican") == ["Democrat", "Republican"] and group_names("") == []
 
 
 def test_context_sizes_are_checked_and_parsed():
