@@ -151,6 +151,7 @@ def write_report(runs: dict, table: str, folder: Path, command: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     first = next(iter(runs.values()))[0]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # one colour per line, for up to 20 setting × method lines
     plotted: list[float] = []
     for (setting, method), rs in runs.items():
         sizes = sorted(rs[0]["final"]["context_curve"], key=int)
@@ -166,15 +167,15 @@ def write_report(runs: dict, table: str, folder: Path, command: str) -> None:
     ax.set_xlabel("context questions of the held-out group")
     ax.set_ylabel("held-out alignment (1 − JS distance)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.savefig(folder / "alignment-vs-context.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    labels = [f"{s}\n{m}" for s, m in runs]
+    fig, ax = plt.subplots(figsize=(max(7.5, 0.8 * len(runs)), 4.5))
+    labels = [f"{s} {m}" for s, m in runs]
     gains = [[r["final"].get("conditioning_gain") or 0.0 for r in rs] for rs in runs.values()]
     ax.bar(range(len(labels)), [np.mean(g) for g in gains], yerr=[np.std(g) for g in gains], capsize=3)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=35, ha="right")
     ax.set_ylabel("conditioning gain (own − another group's context)")
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(folder / "conditioning-gain.png", dpi=120, bbox_inches="tight")
