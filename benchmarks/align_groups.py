@@ -154,6 +154,8 @@ def main() -> None:
     p.add_argument("--cache-dir", default="")
     p.add_argument("--out", default="runs/align/benchmark")
     args = p.parse_args()
+    if len(group_names(args.pair)) != 2:
+        p.error(f"--pair names two groups (separated by ';' when a name has a comma), got {group_names(args.pair)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     experiments = {"pair": pair, "aggregation": aggregation}
     chosen = args.experiments.split(",")
