@@ -36,6 +36,13 @@ def left_after(mark: str, seconds: float = 10.0) -> list[str]:
     return [f"{p.pid} {' '.join(p.cmdline()[:3])}" for p in alive if p.is_running()]
 
 
+def from_a_terminal() -> None:
+    """A child's SIGINT at its default, as in a command typed at a terminal, also where this test run was
+    itself started in the background (a shell without job control makes its children ignore SIGINT, so
+    Python would install no Ctrl-C handler and these tests would test nothing)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Command:
     """`pluralllm ARGS` in a session of its own (so a group signal is a terminal's Ctrl-C), marked."""
 
@@ -43,7 +50,7 @@ class Command:
         self.mark, self.log = uuid.uuid4().hex, log
         with open(log, "w") as out:
             self.proc = subprocess.Popen([str(PLURALLLM), *args], env={**os.environ, MARK: self.mark}, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=from_a_terminal)
 
     def homes(self) -> set[str]:
         """The FLWR_HOME folders of the run's processes (its scratch folders)."""
@@ -108,7 +115,7 @@ def test_an_owners_processes_and_scratch_go_with_it_however_it_stops(tmp_path, s
     scratch.mkdir()
     mark = uuid.uuid4().hex
     owner = subprocess.Popen([sys.executable, "-c", OWNER, str(scratch)], env={**os.environ, MARK: mark},
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, text=True, preexec_fn=from_a_terminal)
     assert owner.stdout.readline() == "ready\n"
     daemons = [p for p in owner_children(owner.pid) if "pluralllm_flwr.processes" not in p.cmdline()]
     assert len(daemons) == 1 and os.getsid(daemons[0].pid) != os.getsid(owner.pid)  # out of its process group
