@@ -121,8 +121,8 @@ def main() -> None:
         groups = [f"G{i:03d}" for i in range(n + 1)]
         data = synthetic_goqa(scratch / f"goqa{n}.csv", groups, n_questions=args.questions)
         # Every round is evaluated (on the server; heldback-fraction 0: no client evaluation messages), so
-        # the history times each round, and train_seconds leaves the server's evaluations out: neither
-        # side of the comparison evaluates.
+        # the history times each round, and train_seconds leaves the server's evaluations, and the checkpoint
+        # each one writes, out: neither side of the comparison evaluates or saves.
         cfg = RunConfig(data_path=str(data), train_groups=",".join(groups[:-1]), eval_groups=groups[-1],
                         cache_dir=str(scratch / "cache"), num_server_rounds=args.rounds, eval_every=1,
                         heldback_fraction=0.0, eval_draws=1, out_dir=str(scratch / f"run{n}"), model=args.model,

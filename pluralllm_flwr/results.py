@@ -6,7 +6,7 @@ results.json = {"method", "dataset", "embedder", "seed", "config", "train_groups
 {"unavailable": reason} where the server holds no training group's answers, as in a deployment),
 "history": [{"round", "gradient_steps", "episodes", "wall_seconds" (from the start of training: a federated
 run's wait for its nodes to connect is left out), "train_seconds" (wall time minus the held-out
-evaluations, which every method runs alike), "alignment", "per_group",
+evaluations, which every method runs alike, and the saving of results and checkpoints after each), "alignment", "per_group",
 "fairness": {"jain", "cov", "worst", ...}, "conditioning_gain" (own context minus another held-out group's
 answers to the same context questions, or null where that does not apply), "conditioning": {...},
 "context_curve": {"1": alignment, "5": ..., ...}, "unseen": {...} (with heldout-questions), ...}],
@@ -49,7 +49,7 @@ class ResultsWriter:
             refuse_existing_run(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
-        self.eval_seconds = 0.0
+        self.not_training_seconds = 0.0  # evaluations, and saving the results and checkpoints after each
         self.checkpoint_metadata = checkpoint_metadata or {}
         self.results = {"method": method, "dataset": cfg.dataset, "embedder": cfg.embedder, "seed": cfg.seed,
                         "config": cfg.to_mapping(), "train_groups": train_groups, "eval_groups": eval_groups,
@@ -96,7 +96,7 @@ class ResultsWriter:
         writer.results.update(history=history, final=history[-1], best=best_entry(history))
         last = history[-1]
         writer.started -= last["wall_seconds"]  # wall time continues
-        writer.eval_seconds = last["wall_seconds"] - last.get("train_seconds", last["wall_seconds"])
+        writer.not_training_seconds = last["wall_seconds"] - last.get("train_seconds", last["wall_seconds"])
         return writer, state, round_
 
     def not_counted(self, seconds: float) -> None:
@@ -111,13 +111,16 @@ class ResultsWriter:
     def record(self, entry: dict, state_dict: dict[str, torch.Tensor] | None = None,
                trainer_state: dict | None = None) -> dict:
         """Add one evaluation point ({"round", "gradient_steps", "alignment", ...}); wall_seconds is
-        filled in, and train_seconds (the same less the evaluations' own `eval_seconds`). Saves the last
-        model, and the best one when this point is the best so far; `trainer_state` (optimizer and
-        random-stream states, see `load_trainer_state`) beside the last model."""
-        wall = time.perf_counter() - self.started
-        self.eval_seconds += entry.get("eval_seconds", 0.0)
+        filled in, and train_seconds (the same less the evaluations' own `eval_seconds`, and less the time
+        earlier calls spent saving: a run evaluated every round would otherwise count a checkpoint write
+        per round as training). Saves the last model, and the best one when this point is the best so
+        far; `trainer_state` (optimizer and random-stream states, see `load_trainer_state`) beside the
+        last model."""
+        now = time.perf_counter()
+        wall = now - self.started
+        self.not_training_seconds += entry.get("eval_seconds", 0.0)
         entry = {"round": entry["round"], "gradient_steps": entry["gradient_steps"], "wall_seconds": round(wall, 3),
-                 "train_seconds": round(wall - self.eval_seconds, 3), **entry}
+                 "train_seconds": round(wall - self.not_training_seconds, 3), **entry}
         self.history.append(entry)
         best = self.results["best"]
         is_best = best is None or _better(entry["alignment"], best["alignment"])
@@ -134,6 +137,7 @@ class ResultsWriter:
             if is_best:
                 save_checkpoint(self.out_dir / BEST_CHECKPOINT, state_dict, meta)
         self._write()
+        self.not_training_seconds += time.perf_counter() - now
         return entry
 
     def _write(self) -> None:

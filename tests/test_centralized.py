@@ -44,6 +44,24 @@ def test_compute_matched_sees_the_federated_number_of_episodes(tiny_config):
     assert all(0 <= e["train_seconds"] <= e["wall_seconds"] and e["eval_seconds"] > 0 for e in results["history"])
 
 
+def test_saving_checkpoints_is_not_training_time(tmp_path, monkeypatch):
+    """A run evaluated every round saves a checkpoint every round; train_seconds leaves that out."""
+    import time
+
+    import torch
+
+    from pluralllm_flwr import results as results_module
+    from pluralllm_flwr.config import RunConfig
+
+    monkeypatch.setattr(results_module, "save_checkpoint", lambda *args: time.sleep(0.3))
+    writer = results_module.ResultsWriter(tmp_path / "run", "fedavg", RunConfig(), ["a"], ["b"], {})
+    for round_ in (0, 1):
+        writer.record({"round": round_, "gradient_steps": round_, "alignment": 0.5}, {"w": torch.zeros(1)})
+    second = writer.history[1]
+    assert second["wall_seconds"] >= 0.6  # two saves (last and best) of 0.3 s each came before it
+    assert second["train_seconds"] < 0.2
+
+
 def test_same_seed_same_numbers_other_seed_other_numbers(tiny_config, tmp_path):
     runs = [train_centralized(tiny_config(seed=s, **{"out-dir": str(tmp_path / f"r{i}")}), progress=False).results
             for i, s in enumerate([1, 1, 2])]
