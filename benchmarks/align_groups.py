@@ -1,7 +1,8 @@
 """Does GRPO with the group reward steer a language model toward a group, toward the right one, and
 does the aggregation rule protect the worst group? Prints Markdown tables.
 
-Runs (each an ordinary `pluralllm align` output folder under --out, reused when its align.json exists):
+Runs (each an ordinary `pluralllm align` output folder under --out, reused when its align.json holds the same
+settings, groups and reward model):
 - pair: the policy aligned to each of two groups alone (default Democrat, Republican), each LM measured
   on both groups. Reports each LM's gain over the base LM on its own target, and on the questions where
   the two groups differ most (largest JS distance between their true answers) two tests: each LM is
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +50,15 @@ def run_once(args, name: str, groups: list[str], measure: list[str], aggregate: 
     out = Path(args.out) / name / f"seed-{seed}"
     run = predictor(args, seed)
     task = alignment_task(run, groups, args.context, args.questions, seed, measure_also=measure)
-    if not (out / ALIGN_FILE).is_file():
-        settings = AlignSettings(steps=args.steps, beta=args.beta, learning_rate=args.lr, aggregate=aggregate,
-                                 seed=seed, eval_every=args.eval_every)
+    settings = AlignSettings(steps=args.steps, beta=args.beta, learning_rate=args.lr, aggregate=aggregate,
+                             seed=seed, eval_every=args.eval_every, temperature=args.temperature,
+                             adapt_every=args.adapt_every)
+    if (out / ALIGN_FILE).is_file():
+        done = json.loads((out / ALIGN_FILE).read_text())
+        if done["settings"] != asdict(settings) or done["groups"] != groups or done["run"] != str(run):
+            sys.exit(f"{out} holds an alignment with other settings, groups or reward model than asked for; "
+                     "choose another --out or delete it")
+    else:
         predicted = central_predictions(task, run, cache_dir=args.cache_dir or None)
         align(task, predicted, args.policy, settings, out, run=run, cache_dir=args.cache_dir or None)
         write_align_report(out)
@@ -147,6 +155,9 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=AlignSettings.beta)
     p.add_argument("--lr", type=float, default=AlignSettings.learning_rate)
     p.add_argument("--eval-every", type=int, default=AlignSettings.eval_every)
+    p.add_argument("--temperature", type=float, default=AlignSettings.temperature, help="adaptive (nats of KL)")
+    p.add_argument("--adapt-every", type=int, default=AlignSettings.adapt_every, help="adaptive: steps between "
+                   "re-weightings")
     p.add_argument("--context", type=int, default=20)
     p.add_argument("--questions", type=int, default=0, help="a seeded subset of the unseen questions (0 = all)")
     p.add_argument("--differ", type=int, default=20, help="the pair's most differing questions")

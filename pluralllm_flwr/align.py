@@ -17,7 +17,8 @@ E_pi[r] − beta·KL(pi || pi_ref), whose maximiser is pi ∝ pi_ref·exp(r/beta
 policy moves toward the group's distribution instead of collapsing onto its likeliest option, which a
 reward of p_g(c) alone would do. Several groups' rewards are combined by `reward.GroupAggregator`: under
 `mean` the optimum is the normalised geometric mean of the p_g, under `min` their normalised pointwise
-minimum; `adaptive` moves weight to the groups served worst so far.
+minimum; `adaptive` weighs group g by softmax(KL(pi ‖ p_g) / temperature), the policy's distance from
+each group's prediction, measured on its whole answer distributions every `adapt_every` steps.
 
 Generation is restricted to the letters A..(the most options of any question); a letter beyond its own
 question's options teaches nothing (`reward.neutral_unparsable`). Only the
@@ -67,18 +68,20 @@ class AlignSettings:
     trainable_layers: int = 2       # the LM's last blocks that learn; 0 = every parameter
     eval_every: int = 20            # steps between measurements of the LM's opinions
     aggregate: str = "mean"         # reward.AGGREGATES
+    temperature: float = 0.05       # adaptive: nats of KL(pi ‖ p_g) that make one group's weight e times another's
+    adapt_every: int = 5            # adaptive: steps between re-weightings from the policy's opinions
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "generations", "prompts_per_step", "eval_every"):
+        for name in ("steps", "generations", "prompts_per_step", "eval_every", "adapt_every"):
             if getattr(self, name) < 1:
                 raise AlignError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.generations < 2:
             raise AlignError(f"generations must be at least 2 (GRPO compares a prompt's completions), got "
                              f"{self.generations}")
-        if not self.beta > 0 or not self.learning_rate > 0 or self.trainable_layers < 0:
-            raise AlignError(f"beta ({self.beta}) and learning-rate ({self.learning_rate}) must be > 0 and "
-                             f"trainable-layers ({self.trainable_layers}) >= 0")
+        if not self.beta > 0 or not self.learning_rate > 0 or not self.temperature > 0 or self.trainable_layers < 0:
+            raise AlignError(f"beta ({self.beta}), learning-rate ({self.learning_rate}) and temperature "
+                             f"({self.temperature}) must be > 0 and trainable-layers ({self.trainable_layers}) >= 0")
 
 
 def kl_optimum(reference: np.ndarray, rewards: np.ndarray, beta: float) -> np.ndarray:
@@ -307,30 +310,40 @@ def align(task: AlignmentTask, predicted: dict[str, list[np.ndarray]], policy: s
     keys = [q.key for q in task.questions]
     reference, mass = lm_opinions(model, tok, task.questions, letters)  # the base LM: also step 0's measurement
     # a letter beyond a question's options is the only unparsable answer: GRPO ignores it (reward.neutral_unparsable)
+    # adaptive: the expected rewards' differences are beta·(differences of KL(pi ‖ p_g)), hence beta·temperature
+    aggregator = GroupAggregator(task.groups, settings.aggregate, temperature=settings.beta * settings.temperature,
+                                 batch_updates=False)
     reward = GroupReward(dict(zip(keys, task.questions)), {g: dict(zip(keys, p)) for g, p in predicted.items()},
-                         GroupAggregator(task.groups, settings.aggregate), question_column="question",
-                         reference=dict(zip(keys, reference)), beta=settings.beta,
-                         neutral_in_groups_of=settings.generations)
+                         aggregator, question_column="question", reference=dict(zip(keys, reference)),
+                         beta=settings.beta, neutral_in_groups_of=settings.generations)
+    adaptive = settings.aggregate == "adaptive"
     result = Alignment(asdict(settings), policy, str(run), rewards, task.groups, keys,
                        {g: float(np.mean(alignments(predicted[g], task.truth[g]))) for g in task.groups})
     result.trainable_parameters = _freeze_all_but_last(model, settings.trainable_layers)
 
-    def record(step: int, opinions: list[np.ndarray] | None = None, mass: float = 0.0) -> None:
-        if opinions is None:
-            model.eval()
-            opinions, mass = lm_opinions(model, tok, task.questions, letters)
-        result.history.append({"step": step, **summary(opinions, mass, task, predicted)})
+    def look(step: int, opinions: list[np.ndarray], mass: float, measure: bool) -> None:
+        """Re-weigh the groups (adaptive) from the policy's opinions, then record them if `measure`."""
+        if adaptive:
+            aggregator.observe(reward.expected_rewards(keys, opinions))
+        if not measure:
+            return
+        weights = {"weights": aggregator.weights} if adaptive else {}
+        result.history.append({"step": step, **summary(opinions, mass, task, predicted), **weights})
         h = result.history[-1]
         echo(f"align: step {step}: alignment " + ", ".join(f"{g} {v:.4f}" for g, v in h["per_group"].items())
-             + f"; worst {h['worst']:.4f}; letter mass {h['letter_mass']:.2f}")
+             + f"; worst {h['worst']:.4f}; letter mass {h['letter_mass']:.2f}"
+             + ("; weights " + ", ".join(f"{g} {w:.2f}" for g, w in weights["weights"].items()) if adaptive else ""))
 
     class Measure(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % settings.eval_every == 0 or state.global_step == settings.steps:
-                record(state.global_step)
+            step = state.global_step
+            measure = step % settings.eval_every == 0 or step == settings.steps
+            if measure or (adaptive and step % settings.adapt_every == 0):
+                model.eval()
+                look(step, *lm_opinions(model, tok, task.questions, letters), measure)
                 model.train()
 
-    record(0, reference, mass)
+    look(0, reference, mass, measure=True)
     dataset = Dataset.from_dict({"prompt": [format_question(q) for q in task.questions], "question": keys})
     others = sorted(set(range(len(tok))) - set(letters))
     args = GRPOConfig(output_dir=str(out / "grpo"), max_steps=settings.steps, learning_rate=settings.learning_rate,

@@ -40,11 +40,25 @@ def write_align_report(out: str | Path) -> Path:
               f"Share of the next token's probability on the option letters: {before['letter_mass']:.2f} before, "
               f"{after['letter_mass']:.2f} after. Completions naming no option of their question: "
               f"{result['unparsable']} of {result['scored']} (GRPO learns nothing from them).", "",
-              _rewards_line(result, out), "",
+              *_weights_lines(result), _rewards_line(result, out), "",
               f"![alignment per group against GRPO steps]({FIGURE_FILE})", ""]
     _figure(result, out / FIGURE_FILE)
     (out / REPORT_FILE).write_text("\n".join(lines))
     return out / REPORT_FILE
+
+
+def _weights_lines(result: dict) -> list[str]:
+    """Adaptive aggregation: each group's weight at every measurement (softmax of the policy's KL from its
+    prediction over the temperature, re-measured every adapt-every steps)."""
+    s = result["settings"]
+    if s["aggregate"] != "adaptive" or "weights" not in result["history"][0]:
+        return []
+    lines = [f"Adaptive weights (temperature {s['temperature']:g} nats, re-weighed every {s['adapt_every']} steps; "
+             "each set from the opinions measured at its step, used from the next step on):",
+             "", "| step | " + " | ".join(result["groups"]) + " |", "|---|" + "---|" * len(result["groups"])]
+    lines += [f"| {h['step']} | " + " | ".join(f"{h['weights'][g]:.3f}" for g in result["groups"]) + " |"
+              for h in result["history"]]
+    return lines + [""]
 
 
 def _rewards_line(result: dict, out: Path) -> str:

@@ -226,10 +226,14 @@ class GroupAggregator:
     to the groups the policy currently serves worst, in the spirit of the PluralLLM authors'
     adaptive aggregation for federated RLHF (arXiv 2512.08786); their exact rule is not reproduced.
     Weights are those before a batch's own update, so a batch's reward never depends on itself.
+
+    With `batch_updates=False` the batches move nothing: the trainer sets the running averages to
+    their exact expectations under its current policy instead (`observe`, fed by
+    `GroupReward.expected_rewards`), which a few sampled completions per batch estimate only noisily.
     """
 
     def __init__(self, groups: Sequence[str], mode: str = "mean", temperature: float = 0.05,
-                 momentum: float = 0.9) -> None:
+                 momentum: float = 0.9, batch_updates: bool = True) -> None:
         if mode not in AGGREGATES:
             raise RewardModelError(f"unknown aggregate {mode!r}; use one of {', '.join(AGGREGATES)}")
         if not groups or len(set(groups)) != len(groups):
@@ -237,7 +241,7 @@ class GroupAggregator:
         if not temperature > 0 or not 0 <= momentum < 1:
             raise RewardModelError(f"temperature={temperature} must be > 0 and momentum={momentum} in [0, 1)")
         self.groups, self.mode = list(groups), mode
-        self.temperature, self.momentum = temperature, momentum
+        self.temperature, self.momentum, self.batch_updates = temperature, momentum, batch_updates
         self.running: np.ndarray | None = None  # per-group moving average; None before the first update
 
     @property
@@ -263,10 +267,17 @@ class GroupAggregator:
     def update(self, rewards: np.ndarray) -> None:
         """Fold a batch's per-group rewards into the running averages (adaptive only; empty batch: no-op)."""
         rewards = self._checked(rewards)
-        if self.mode != "adaptive" or not len(rewards):
+        if self.mode != "adaptive" or not self.batch_updates or not len(rewards):
             return
         batch = rewards.mean(axis=0)
         self.running = batch if self.running is None else self.momentum * self.running + (1 - self.momentum) * batch
+
+    def observe(self, expected: np.ndarray) -> None:
+        """Set the running rewards to the per-group rewards the policy is expected to earn now (adaptive
+        only): the weights then follow the policy itself, not the completions sampled so far."""
+        expected = self._checked(np.asarray(expected, np.float64)[None, :])[0]
+        if self.mode == "adaptive":
+            self.running = expected
 
     def _checked(self, rewards: np.ndarray) -> np.ndarray:
         rewards = np.asarray(rewards, np.float64)
@@ -376,6 +387,18 @@ class GroupReward:
             return p
         ref = float(self.reference[key][choice])
         return self.beta * (math.log(max(p, _TINY)) - math.log(max(ref, _TINY)))
+
+    def expected_rewards(self, keys: Sequence[str], distributions: Sequence[Sequence[float]]) -> np.ndarray:
+        """Per group, the reward a policy answering with `distributions` (one per question of `keys`)
+        earns on average over those questions: Σ_c π(c)·r_g(c), exactly rather than by sampling. For the
+        log-ratio reward this is −beta·KL(π ‖ p_g) plus a term every group shares, so its differences
+        between groups are how much farther the policy is from one group's prediction than another's."""
+        rows = []
+        for i, (key, values) in enumerate(zip(keys, distributions, strict=True)):
+            dist = check_distribution(values, self._question(key), f"sample {i} (question {key!r})")
+            rows.append([sum(p * self.option_reward(g, key, c) for c, p in enumerate(dist) if p > 0)
+                         for g in self.aggregator.groups])
+        return np.mean(rows, axis=0) if rows else np.zeros(len(self.aggregator.groups))
 
     def distribution_rewards(self, keys: Sequence[str],
                              distributions: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:

@@ -197,6 +197,33 @@ def test_grpo_moves_a_tiny_lm_toward_the_group_and_reports_it(unseen_run, policy
     assert after["worst_group"] == "G0" and len(after["opinions"]) == len(result["questions"])
 
 
+def test_adaptive_weighs_the_group_the_policy_is_farthest_from(unseen_run, policy, tiny_paths, tmp_path, monkeypatch):
+    """The weights are softmax(KL(policy ‖ p_g) / temperature), from the policy's measured opinions."""
+    from pluralllm_flwr.reward import GroupRewardModel
+
+    def target(group: str, q: Question) -> np.ndarray:  # G0 sure of A, as the tiny LM is; G1 of the last option
+        sure = np.eye(len(q.options))[0 if group == "G0" else -1]
+        return sure * 0.8 + 0.2 / len(q.options)
+    monkeypatch.setattr(GroupRewardModel, "predict_groups",
+                        lambda self, contexts, questions: {c.name: [target(c.name, q) for q in questions]
+                                                           for c in contexts})
+    out = tmp_path / "adaptive"
+    assert main(["align", "--run", str(unseen_run), "--groups", "G0,G1", "--policy", str(policy), "--steps", "4",
+                 "--eval-every", "2", "--adapt-every", "2", "--temperature", "0.2", "--aggregate", "adaptive",
+                 "--generations", "4", "--prompts-per-step", "2", "--trainable-layers", "1", "--context", "5",
+                 "--cache-dir", tiny_paths["cache-dir"], "--out", str(out)]) == 0
+    result = json.loads((out / ALIGN_FILE).read_text())
+    task = alignment_task(unseen_run, ["G0", "G1"], context=5, seed=0)
+    assert result["questions"] == [q.key for q in task.questions]
+    for h in result["history"]:
+        kl = {g: np.mean([np.sum(np.array(o) * np.log(np.array(o) / target(g, q)))
+                          for o, q in zip(h["opinions"], task.questions)]) for g in ("G0", "G1")}
+        assert kl["G1"] > kl["G0"] and h["weights"]["G1"] > h["weights"]["G0"]
+        assert h["weights"]["G1"] / h["weights"]["G0"] == pytest.approx(np.exp((kl["G1"] - kl["G0"]) / 0.2),
+                                                                        rel=1e-3)
+    assert "Adaptive weights (temperature 0.2 nats" in (out / "report.md").read_text()
+
+
 # ----------------------------------------------------------------------------- federated rewards
 
 

@@ -166,6 +166,32 @@ def test_adaptive_interpolates_between_mean_and_min():
     assert cold.combine(batch)[0] == pytest.approx(0.4, abs=1e-6)  # all weight on b, the worst so far
 
 
+def test_expected_rewards_are_exact_and_differ_by_beta_times_the_kl_to_each_group():
+    """Σ_c π(c)·beta·log(p_g(c)/ref(c)) = −beta·KL(π‖p_g) + a term all groups share: the adaptive weights
+    computed from it follow how far the policy is from each group's prediction."""
+    base = toy_reward()
+    reference = {"q1": np.array([0.5, 0.5]), "q2": np.array([0.2, 0.5, 0.3])}
+    reward = GroupReward(base.questions, base.predictions, GroupAggregator(["north", "south"], "adaptive",
+                         temperature=0.01, batch_updates=False), reference=reference, beta=0.3)
+    policy = [np.array([0.7, 0.3]), np.array([0.3, 0.4, 0.3])]
+    expected = reward.expected_rewards(["q1", "q2"], policy)
+    by_hand = [np.mean([sum(pi[c] * reward.option_reward(g, k, c) for c in range(len(pi)))
+                        for k, pi in zip(["q1", "q2"], policy)]) for g in ("north", "south")]
+    np.testing.assert_allclose(expected, by_hand, rtol=1e-12)
+    kl = [np.mean([np.sum(pi * np.log(pi / reward.predictions[g][k])) for k, pi in zip(["q1", "q2"], policy)])
+          for g in ("north", "south")]
+    assert expected[0] - expected[1] == pytest.approx(-0.3 * (kl[0] - kl[1]), rel=1e-9)
+    assert kl[1] > kl[0]  # the policy is farther from south
+    reward(prompts=["p"] * 2, completions=["Yes", "Yes"], question=["q1", "q1"])  # batches move nothing here
+    assert reward.aggregator.running is None
+    reward.aggregator.observe(expected)
+    w = reward.aggregator.weights
+    assert w["south"] > w["north"]
+    assert w["south"] / w["north"] == pytest.approx(np.exp((expected[0] - expected[1]) / 0.01))
+    with pytest.raises(RewardModelError, match="2 groups"):
+        reward.aggregator.observe(np.zeros(3))
+
+
 def test_aggregator_rejects_bad_settings():
     for kwargs in ({"mode": "max"}, {"temperature": 0.0}, {"momentum": 1.0}):
         with pytest.raises(RewardModelError):
