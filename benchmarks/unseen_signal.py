@@ -7,7 +7,7 @@ each seed's unseen questions (data.unseen_question_ids, the share that run-confi
 keeps from training) and every group of the default OpinionQA split, it correlates the group's true
 deviation from the training groups' mean answer (per option) with:
 
-- features: a ridge regression from the option features (`features.option_features`) to that
+- features: a ridge regression from the option features (`features.option_features` of --embedder's vectors) to that
   deviation, fitted on the seen questions;
 - siblings: the group's deviations on the seen questions with the very same options, weighted by the
   questions' cosine similarity (softmax, temperature 0.05). It reads *every* seen answer of the group,
@@ -156,6 +156,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--heldout-questions", type=float, default=0.1)
     p.add_argument("--features", default="question-option")
+    p.add_argument("--embedder", default="minilm", help="the option vectors the features probe reads (minilm | "
+                   "smollm2 | a hub id or folder)")
     p.add_argument("--ridge", type=float, default=100.0, help="ridge penalty of the features probe")
     p.add_argument("--temperature", type=float, default=0.05, help="softmax temperature over sibling cosines")
     p.add_argument("--run", default="", help="a run trained with heldout-questions > 0 (its own seed's split); "
@@ -169,13 +171,13 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
 
     data = load_opinionqa(args.data)
-    table, _ = embed_questions(data.questions, "minilm", progress=False)
+    table, _ = embed_questions(data.questions, args.embedder, progress=True)
     features = option_features(table, args.features)
     per_seed = [correlations(data, table, features, s, args) for s in seeds]
     names = list(per_seed[0][0])
     fmt = lambda v: f"{np.mean(v):+.2f} ± {np.std(v):.2f}" if len(v) > 1 else f"{v[0]:+.2f}"  # noqa: E731
     print(f"Pearson correlation with the true deviation from the training groups' mean, per option, on the unseen "
-          f"questions (seeds {seeds}; {args.features} features; siblings cover "
+          f"questions (seeds {seeds}; {args.features} features of {args.embedder}; siblings cover "
           f"{fmt([c for _, c in per_seed]).replace('+', '')} of them):\n")
     print("| group | features (ridge) | siblings (every seen answer) |\n|---|---|---|")
     for g in names:
