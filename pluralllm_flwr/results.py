@@ -6,8 +6,8 @@ results.json = {"method", "dataset", "embedder", "seed", "config", "train_groups
 {"unavailable": reason} where the server holds no training group's answers, as in a deployment),
 "history": [{"round", "gradient_steps", "episodes", "wall_seconds" (from the start of training: a federated
 run's wait for its nodes to connect is left out), "train_seconds" (wall time minus the held-out
-evaluations, which every method runs alike, and the saving of results and checkpoints after each), "alignment", "per_group",
-"fairness": {"jain", "cov", "worst", ...}, "conditioning_gain" (own context minus another held-out group's
+evaluations, which every method runs alike, and the saving of results and checkpoints after each),
+"alignment", "per_group", "fairness": {"jain", "cov", "worst", ...}, "conditioning_gain" (own context minus another held-out group's
 answers to the same context questions, or null where that does not apply), "conditioning": {...},
 "context_curve": {"1": alignment, "5": ..., ...}, "unseen": {...} (with heldout-questions), ...}],
 "best": <entry>, "final": <entry>}; baselines also hold "nearest_group" and "context_mixture"
