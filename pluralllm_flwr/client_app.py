@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from .arrays import to_state_dict
 from .bundle import BundleError, read_bundle
 from .config import ConfigError, RunConfig
 from .data import GroupSplit, seeded_rng
@@ -92,7 +93,7 @@ def _receive(msg: Message, context: Context) -> tuple[RunConfig, Experiment, str
     device = resolve_device(cfg.device)
     model, rng_after_build = _model(exp.model_config, cfg.seed)
     torch.set_rng_state(rng_after_build)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(to_state_dict(msg.content["arrays"]))
     return cfg, exp, group, model.to(device), device
 
 
@@ -156,8 +157,8 @@ def train(msg: Message, context: Context) -> Message:
     names = [name for name, _ in model.named_parameters()]
     correction = gradients = None
     if CORRECTION in msg.content:  # SCAFFOLD
-        record = msg.content[CORRECTION]
-        correction = [torch.from_numpy(record[name].numpy()).to(device) for name in names]
+        record = to_state_dict(msg.content[CORRECTION])
+        correction = [record[name].to(device) for name in names]
         gradients = [torch.zeros_like(p) for p in model.parameters()]
     losses = train_steps(model, optimizer, [vectors], steps, exp.sizes, rng, device, proximal_mu=mu, anchor=anchor,
                          same_questions=shared, episodes_per_step=cfg.episodes_per_step,

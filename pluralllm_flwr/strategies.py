@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant  # flwr's RDP accountant (dp-accounting)
 
+from .arrays import to_numpy, to_state_dict, weighted_mean
 from .config import ADAPTIVE_STRATEGIES, RunConfig
 from .data import seeded_rng
 from .experiment import Experiment, fmt_gain
@@ -217,7 +218,7 @@ class PluralMixin:
         server_round += self.round_offset
         if not self.is_eval_round(server_round):
             return None
-        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.model.load_state_dict(to_state_dict(arrays))
         info = self.rounds.get(server_round, {})
         n_train = len(self.exp.split.train)
         entry = {"round": server_round, "gradient_steps": self.gradient_steps,
@@ -242,11 +243,26 @@ class PluralMixin:
         return MetricRecord({"alignment": entry["alignment"], "jain": fair["jain"], "worst": fair["worst"]})
 
 
-class PluralFedAvg(PluralMixin, FedAvg):
+class FastMean(FedAvg):
+    """FedAvg's weighted mean of the replies' arrays, decoded in place (`arrays.weighted_mean`: the same
+    bytes as Flower's `aggregate_arrayrecords`, without parsing every array's .npy header). Listed after
+    a Flower strategy built on FedAvg (`class S(PluralMixin, FedAdam, FastMean)`), it comes just before
+    FedAvg in the MRO, so that strategy's own aggregation (FedAdam's server step, FedProx, ...) runs on
+    top of it unchanged."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [m.content for m in valid]
+        return weighted_mean(contents, self.weighted_by_key), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
+class PluralFedAvg(PluralMixin, FastMean):
     """FedAvg: weighted by each group's number of training questions, or uniformly."""
 
 
-class PluralFedProx(PluralMixin, FedProx):
+class PluralFedProx(PluralMixin, FedProx, FastMean):
     """FedProx: the server sends proximal-mu; clients add (mu/2)·‖w − w_global‖² to their loss."""
 
 
@@ -254,26 +270,26 @@ class PluralFedMedian(PluralMixin, FedMedian):
     """Coordinate-wise median of the group models (robust to a few outlying groups)."""
 
 
-class PluralFedAvgM(PluralMixin, FedAvgM):
+class PluralFedAvgM(PluralMixin, FedAvgM, FastMean):
     """FedAvg with server momentum (Hsu et al. 2019): the averaged update is the pseudo-gradient of
     server SGD with step server-lr and momentum server-momentum."""
 
 
-class PluralFedAdam(PluralMixin, FedAdam):
+class PluralFedAdam(PluralMixin, FedAdam, FastMean):
     """Adam on the server (Reddi et al. 2021): the averaged update is the pseudo-gradient of Adam with
     step server-lr (Flower's beta_1 0.9 and beta_2 0.99; tau is server-tau). Its per-weight normalisation keeps
     the small update the groups agree on from vanishing under the parts they disagree on."""
 
 
-class PluralFedYogi(PluralMixin, FedYogi):
+class PluralFedYogi(PluralMixin, FedYogi, FastMean):
     """Yogi on the server (Reddi et al. 2021): Adam with a sign-controlled second moment."""
 
 
-class PluralFedAdagrad(PluralMixin, FedAdagrad):
+class PluralFedAdagrad(PluralMixin, FedAdagrad, FastMean):
     """Adagrad on the server (Reddi et al. 2021)."""
 
 
-class PluralScaffold(PluralMixin, FedAvg):
+class PluralScaffold(PluralMixin, FastMean):
     """SCAFFOLD (Karimireddy et al. 2020): each client adds c − c_i to every local gradient, where c_i is
     its group's mean gradient of the last round it trained and c their weighted mean, so a group's
     local steps follow the federation's gradient instead of drifting to its own optimum (which on
@@ -299,7 +315,7 @@ class PluralScaffold(PluralMixin, FedAvg):
             if group is not None and not reply.has_error() and CONTROL in reply.content:
                 control = reply.content.pop(CONTROL)  # FedAvg expects one ArrayRecord per reply
                 weight = float(reply.content["metrics"][self.weighted_by_key])
-                self.controls[group] = (weight, {k: v.numpy() for k, v in control.items()})
+                self.controls[group] = (weight, {k: to_numpy(v) for k, v in control.items()})
         if self.controls:
             total = sum(w for w, _ in self.controls.values())
             self.control = {name: sum(w * c[name] for w, c in self.controls.values()) / total for name in self.control}
