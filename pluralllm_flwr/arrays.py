@@ -1,13 +1,12 @@
 """Reading a message's arrays without `np.load`.
 
 Flower serialises each array of an `ArrayRecord` in NumPy's .npy format and decodes one with
-`np.load`, which parses its header as Python source: about 70 µs an array, against 10 µs for the bytes
-themselves. The predictor has about 80 arrays, so a client spent about 6 ms decoding every message's
-weights and the server about 50 ms a round decoding 8 replies (benchmarks/bench_simulation.py's rounds
-are about 0.8 s). `to_numpy` reads the array's bytes in place, using the dtype and shape that `Array`
-already carries, and falls back to `Array.numpy` for anything but a C-ordered .npy payload.
+`np.load`, which parses its header as Python source, array by array: for GPO's 84 arrays that is most of
+the server's weighted mean of a round's replies and of a client's loading of the global weights
+(benchmarks/bench_arrays.py). `to_numpy` reads the array's bytes in place, with the dtype and shape that
+`Array` already carries, and falls back to `Array.numpy` for anything but a C-ordered .npy payload.
 `weighted_mean` is Flower's `aggregate_arrayrecords` on top of it: the same operations in the same
-order, so the same bytes.
+order, so the same bytes (tests/test_arrays.py).
 """
 from __future__ import annotations
 
