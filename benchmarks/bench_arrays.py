@@ -64,9 +64,9 @@ def main() -> None:
             theirs, ours = aggregate_arrayrecords(records, "num-examples"), weighted_mean(records, "num-examples")
             if list(theirs) != list(ours) or any(theirs[k].data != ours[k].data for k in theirs):
                 sys.exit(f"{name}: weighted_mean differs from Flower's aggregate_arrayrecords for {n} replies")
-            rows.append((f"weighted mean of {n} replies (server, per round)",
-                         lambda: aggregate_arrayrecords(records, "num-examples"),
-                         lambda: weighted_mean(records, "num-examples")))
+            rows.append((f"weighted mean of {n} replies (server, per round)",  # records bound now, not at the last n
+                         lambda records=records: aggregate_arrayrecords(records, "num-examples"),
+                         lambda records=records: weighted_mean(records, "num-examples")))
         record = ArrayRecord(state)
         rows.append(("load the global weights (client, per message)", record.to_torch_state_dict,
                      lambda: to_state_dict(record)))
