@@ -10,6 +10,8 @@ order, so the same bytes (tests/test_arrays.py).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -24,7 +26,7 @@ def to_numpy(array: Array) -> np.ndarray:
         size = 2 if data[6] == 1 else 4  # .npy version 1 has a 2-byte header length, versions 2 and 3 a 4-byte one
         start = 8 + size + int.from_bytes(data[8:8 + size], "little")
         dtype = np.dtype(array.dtype)
-        nbytes = int(np.prod(array.shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(array.shape) * dtype.itemsize
         if len(data) - start == nbytes and b"'fortran_order': False" in data[8 + size:start]:
             return np.frombuffer(data, dtype=dtype, offset=start).reshape(array.shape)
     return array.numpy()
