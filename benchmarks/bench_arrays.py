@@ -1,11 +1,13 @@
-"""Decoding a message's arrays: Flower's own (`np.load` per array) against `pluralllm_flwr.arrays` (read
-in place); prints a Markdown table.
+"""A message's arrays: Flower's own decoding and encoding (`np.load` and `np.save` per array) against
+`pluralllm_flwr.arrays` (read in place; .npy headers formatted once per dtype and shape); prints a Markdown
+table.
 
 For the predictor bench_simulation.py trains (GPO on 384-d raw MiniLM vectors, about 80 arrays) and for
 the default model, it times what a round does with arrays: the server's weighted mean of n replies
 (Flower's `aggregate_arrayrecords` against `arrays.weighted_mean`, which must give the same bytes: checked
-here) and a client's loading of the global weights (`ArrayRecord.to_torch_state_dict` against
-`arrays.to_state_dict`). Medians of --repeats interleaved repeats.
+here), a client's loading of the global weights (`ArrayRecord.to_torch_state_dict` against
+`arrays.to_state_dict`) and its encoding of the reply (`ArrayRecord(state_dict)` against `arrays.to_record`,
+which must give the same bytes: checked here). Medians of --repeats interleaved repeats.
 
     .venv/bin/python benchmarks/bench_arrays.py [--replies 8 32] [--repeats 7]
 """
@@ -23,7 +25,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pluralllm_flwr.arrays import to_state_dict, weighted_mean  # noqa: E402
+from pluralllm_flwr.arrays import to_record, to_state_dict, weighted_mean  # noqa: E402
 from pluralllm_flwr.features import feature_dim  # noqa: E402
 from pluralllm_flwr.model import ModelConfig  # noqa: E402
 from pluralllm_flwr.predictors import build_predictor  # noqa: E402
@@ -70,6 +72,9 @@ def main() -> None:
         record = ArrayRecord(state)
         rows.append(("load the global weights (client, per message)", record.to_torch_state_dict,
                      lambda: to_state_dict(record)))
+        if record.object_id != to_record(state).object_id:
+            sys.exit(f"{name}: to_record's arrays differ from ArrayRecord's")
+        rows.append(("encode the reply (client, per message)", lambda: ArrayRecord(state), lambda: to_record(state)))
         for step, flower, fast in rows:
             a, b = [], []
             for _ in range(args.repeats):  # interleaved, so both see the same machine
@@ -79,7 +84,7 @@ def main() -> None:
             print(f"| {name} | {len(state)} | {params:,} | {step} | {flower_ms:.1f} | {ours_ms:.1f} | "
                   f"{flower_ms / ours_ms:.1f}× |")
     print(f"\ntorch {torch.__version__}, numpy {np.__version__}, 1 thread; medians of {args.repeats} repeats. The "
-          "weighted means were checked byte-identical to Flower's.")
+          "weighted means and the encoded replies were checked byte-identical to Flower's.")
 
 
 if __name__ == "__main__":

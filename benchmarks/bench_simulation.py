@@ -7,9 +7,11 @@ the ClientApp draws — with torch's threads and with one, (b) on two 1-thread w
 once, and (c) with `pluralllm simulate` (Ray, one virtual SuperNode per group, two client processes
 at a time on this 2-core machine). Reported: steady-state seconds per round (the median of rounds
 2..R, evaluation excluded), Flower's start-up and teardown (the whole `flwr run` less its training
-and evaluation), and the peak extra memory of the machine while it ran.
+and evaluation), and the peak extra memory of the machine while it ran. With --repeats N the whole
+measurement runs N times per number of clients: the table gives the medians and every repeat's
+simulation / ideal, whose run-to-run spread (a few percent here) is as large as the changes it judges.
 
-    .venv/bin/python benchmarks/bench_simulation.py [--clients 8 32 128] [--rounds 6]
+    .venv/bin/python benchmarks/bench_simulation.py [--clients 8 32 128] [--rounds 6] [--repeats 1]
 """
 from __future__ import annotations
 
@@ -108,12 +110,35 @@ def two_process_rounds(cfg: RunConfig, rounds: int) -> list[float]:
     return times
 
 
+def measure(cfg: RunConfig, n: int, rounds: int) -> dict:
+    """One repeat: the in-process rounds (torch's threads, then one), two processes, then the simulation."""
+    with PeakMemory() as base_mem:
+        base = in_process_rounds(cfg, rounds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each virtual client runs; the simulation runs two of them at once
+    single = in_process_rounds(cfg, rounds)
+    torch.set_num_threads(threads)
+    two = two_process_rounds(cfg, rounds)
+    start = time.perf_counter()
+    with PeakMemory() as sim_mem:
+        simulate(cfg, n, echo=lambda line: None)
+    wall = time.perf_counter() - start
+    history = load_results(cfg.out_dir)["history"]
+    sim = np.diff([h["train_seconds"] for h in history])  # rounds 1..R, each from the end of the last
+    # Round 1 pays each process's first-call set-up (model, first torch calls) on both sides: left out.
+    return {**{k: float(np.median(t[1:])) for k, t in (("base", base), ("single", single), ("two", two), ("sim", sim))},
+            "wall": wall, "startup": wall - history[-1]["wall_seconds"],
+            "mem_base": base_mem.peak / 2**30, "mem_sim": sim_mem.peak / 2**30}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--questions", type=int, default=150)
     parser.add_argument("--model", default="gpo", help="predictor (the README's figures: gpo on raw vectors)")
+    parser.add_argument("--repeats", type=int, default=1, help="whole measurements per number of clients; the "
+                        "table gives their medians and every repeat's simulation / ideal")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench-sim-"))
     rows = []
@@ -128,24 +153,9 @@ def main() -> None:
                         heldback_fraction=0.0, eval_draws=1, out_dir=str(scratch / f"run{n}"), model=args.model,
                         features="raw" if args.model == "gpo" else RunConfig.features)
         prepare_experiment(cfg, progress=False)  # embed once, outside every timing
-        with PeakMemory() as base_mem:
-            base = in_process_rounds(cfg, args.rounds)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as each virtual client runs; the simulation runs two of them at once
-        single = in_process_rounds(cfg, args.rounds)
-        torch.set_num_threads(threads)
-        two = two_process_rounds(cfg, args.rounds)
-        start = time.perf_counter()
-        with PeakMemory() as sim_mem:
-            simulate(cfg, n, echo=lambda line: None)
-        wall = time.perf_counter() - start
-        history = load_results(cfg.out_dir)["history"]
-        sim = np.diff([h["train_seconds"] for h in history])  # rounds 1..R, each from the end of the last
-        # Round 1 pays each process's first-call set-up (model, first torch calls) on both sides: left out.
-        row = {"clients": n, **{k: float(np.median(t[1:])) for k, t in
-                                (("base", base), ("single", single), ("two", two), ("sim", sim))},
-               "wall": wall, "startup": wall - history[-1]["wall_seconds"],
-               "mem_base": base_mem.peak / 2**30, "mem_sim": sim_mem.peak / 2**30}
+        repeats = [measure(cfg.replace(out_dir=str(scratch / f"run{n}-{r}")), n, args.rounds) for r in range(args.repeats)]
+        row = {"clients": n, **{k: float(np.median([m[k] for m in repeats])) for k in repeats[0]},
+               "ratios": [m["sim"] / (m["single"] / 2) for m in repeats]}
         rows.append(row)
         print(f"{n} clients done: in-process {row['base']:.2f} s/round ({row['single']:.2f} with 1 thread), two "
               f"processes {row['two']:.2f}, simulation {row['sim']:.2f} s/round", file=sys.stderr, flush=True)
@@ -155,16 +165,18 @@ def main() -> None:
           "'Two processes' = the same trainings on two 1-thread worker processes at once, handed out one group at "
           "a time, without Flower: what sharing this machine costs by itself. A simulated message's cost against "
           "the same training in one 1-thread process is 'simulation / ideal' = 'two processes / ideal' (the "
-          "machine) × 'simulation / two processes' (Flower).\n")
+          "machine) × 'simulation / two processes' (Flower)."
+          + (f" Medians of {args.repeats} repeats; 'simulation / ideal' is the median of the repeats' ratios."
+             if args.repeats > 1 else "") + "\n")
     print("| clients | in-process s/round (torch threads) | in-process s/round (1 thread) | ideal s/round | "
-          "two processes s/round | simulation s/round | simulation / ideal | two processes / ideal | "
+          "two processes s/round | simulation s/round | simulation / ideal | each repeat | two processes / ideal | "
           "simulation / two processes | `flwr run` wall s | start-up + teardown s | peak extra RAM in-process | "
           "peak extra RAM simulation |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ideal = r["single"] / 2
         print(f"| {r['clients']} | {r['base']:.2f} | {r['single']:.2f} | {ideal:.2f} | {r['two']:.2f} | {r['sim']:.2f} | "
-              f"{r['sim'] / ideal:.2f}× | {r['two'] / ideal:.2f}× | {r['sim'] / r['two']:.2f}× | {r['wall']:.1f} | "
+              f"{np.median(r['ratios']):.2f}× | {', '.join(f'{x:.2f}' for x in r['ratios'])} | {r['two'] / ideal:.2f}× | {r['sim'] / r['two']:.2f}× | {r['wall']:.1f} | "
               f"{r['startup']:.1f} | {r['mem_base']:.2f} GiB | {r['mem_sim']:.2f} GiB |")
     shutil.rmtree(scratch)  # its data, caches and runs
 

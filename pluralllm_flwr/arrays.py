@@ -1,4 +1,4 @@
-"""Reading a message's arrays without `np.load`.
+"""Reading and writing a message's arrays without `np.load` and `np.save`.
 
 Flower serialises each array of an `ArrayRecord` in NumPy's .npy format and decodes one with
 `np.load`, which parses its header as Python source, array by array: for GPO's 84 arrays that is most of
@@ -6,17 +6,22 @@ the server's weighted mean of a round's replies and of a client's loading of the
 (benchmarks/bench_arrays.py). `to_numpy` reads the array's bytes in place, with the dtype and shape that
 `Array` already carries, and falls back to `Array.numpy` for anything but a C-ordered .npy payload.
 `weighted_mean` is Flower's `aggregate_arrayrecords` on top of it: the same operations in the same
-order, so the same bytes (tests/test_arrays.py).
+order, so the same bytes (tests/test_arrays.py). `to_record` builds an `ArrayRecord` the way
+`ArrayRecord(state_dict)` does, with each array's .npy header formatted once per dtype and shape
+instead of once per array and message: the same bytes, a few milliseconds less per reply for GPO.
 """
 from __future__ import annotations
 
+import io
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
 NPY_MAGIC = b"\x93NUMPY"
+_headers: dict[tuple[str, tuple[int, ...]], bytes] = {}  # np.save's header for a C-ordered array of this dtype and shape
 
 
 def to_numpy(array: Array) -> np.ndarray:
@@ -37,6 +42,27 @@ def to_state_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(to_numpy(array).copy()) for name, array in record.items()}
 
 
+def to_array(value: np.ndarray | torch.Tensor) -> Array:
+    """`Array(value)`: the same .npy bytes, its header taken from `np.save` the first time a dtype and shape
+    are seen. Arrays that are not C-contiguous (np.save writes those otherwise) or of a structured dtype go to `Array` itself."""
+    value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if not value.flags.c_contiguous or value.dtype.fields is not None or value.dtype.hasobject:
+        return Array(value)
+    key = (value.dtype.str, value.shape)
+    data = value.tobytes()
+    if (header := _headers.get(key)) is None:
+        buffer = io.BytesIO()
+        np.save(buffer, value, allow_pickle=False)
+        saved = buffer.getvalue()
+        header = _headers[key] = saved[:len(saved) - len(data)]
+    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype="numpy.ndarray", data=header + data)
+
+
+def to_record(state: Mapping[str, np.ndarray | torch.Tensor]) -> ArrayRecord:
+    """`ArrayRecord(state)` for a state dict or a dict of NumPy arrays, each array by `to_array`."""
+    return ArrayRecord({name: to_array(value) for name, value in state.items()})
+
+
 def weighted_mean(records: list[RecordDict], weight_key: str) -> ArrayRecord:
     """Flower's `aggregate_arrayrecords`: the mean of every reply's arrays, each weighted by its first
     MetricRecord's `weight_key` over their sum, accumulated in the replies' order."""
@@ -50,4 +76,4 @@ def weighted_mean(records: list[RecordDict], weight_key: str) -> ArrayRecord:
                     mean[name] += to_numpy(array) * weight
                 else:
                     mean[name] = to_numpy(array) * weight
-    return ArrayRecord({name: Array(np.asarray(value)) for name, value in mean.items()})
+    return to_record(mean)

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from .arrays import to_state_dict
+from .arrays import to_record, to_state_dict
 from .bundle import BundleError, read_bundle
 from .config import ConfigError, RunConfig
 from .data import GroupSplit, seeded_rng
@@ -166,9 +166,9 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"train-loss": float(np.mean(losses)), "num-examples": vectors.num_questions,
                             UNIT_WEIGHT: 1, "local-steps": steps})
     _log_stages(context, "train", group, entered, set_up, time.time())
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    content = RecordDict({"arrays": to_record(model.state_dict()), "metrics": metrics})
     if gradients is not None:  # this group's new control variate: its mean gradient over the round
-        content[CONTROL] = ArrayRecord({name: (g / max(steps, 1)).cpu() for name, g in zip(names, gradients)})
+        content[CONTROL] = to_record({name: g / max(steps, 1) for name, g in zip(names, gradients)})
     return Message(content, reply_to=msg)
 
 

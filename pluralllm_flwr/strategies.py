@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import GaussianPrivacyEvent, Grid, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping, FedAdagrad, FedAdam, FedAvg, FedAvgM,
@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant  # flwr's RDP accountant (dp-accounting)
 
-from .arrays import to_numpy, to_state_dict, weighted_mean
+from .arrays import to_numpy, to_record, to_state_dict, weighted_mean
 from .config import ADAPTIVE_STRATEGIES, RunConfig
 from .data import seeded_rng
 from .experiment import Experiment, fmt_gain
@@ -305,8 +305,8 @@ class PluralScaffold(PluralMixin, FastMean):
         messages = super().configure_train(server_round, arrays, config, grid)
         for message, group in self.sent:
             own = self.controls.get(group, (0.0, {}))[1]
-            message.content[CORRECTION] = ArrayRecord({name: Array(c - own[name] if own else c)
-                                                       for name, c in self.control.items()})
+            message.content[CORRECTION] = to_record({name: c - own[name] if own else c
+                                                     for name, c in self.control.items()})
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
