@@ -16,14 +16,16 @@ deviation from the training groups' mean answer (per option) with:
 - "D − R": the same for the Democrat-minus-Republican difference.
 
 With --run, a trained predictor's own predictions for Democrat and Republican (the reward path of
-`pluralllm align`, from contexts of each size in --contexts) on the --top unseen questions where the two
-groups differ most: is each prediction closer to its own group than to the other?
+`pluralllm align`, from contexts of each size in --contexts; with --nearest also from each question's most
+similar seen questions) on the --top unseen questions where the two groups differ most: is each prediction
+closer to its own group than to the other? And how well the predicted difference of the two follows the
+true one on every unseen question.
 And for every group, its prediction's alignment to the group's own answers against the other groups'
 (which groups the reward model tells apart on new questions at all).
 With --persona, the policy LM (SmolLM2-135M-Instruct) asked to answer "as a Democrat" and "as a
 Republican" (`align.lm_opinions`): does the difference of its two opinions follow the parties'?
 
-    python benchmarks/unseen_signal.py --data ../shared/data/opinionqa/human_resp [--run RUN] [--persona]
+    python benchmarks/unseen_signal.py --data ../shared/data/opinionqa/human_resp [--run RUN [--nearest]] [--persona]
 """
 from __future__ import annotations
 
@@ -83,24 +85,59 @@ def correlations(data, table, features, seed: int, args) -> tuple[dict[str, tupl
     return out, len(covered) / len(unseen)
 
 
+def nearest_predictions(run: str, task) -> dict[str, list[np.ndarray]]:
+    """Each party's prediction on each of the task's questions from a context of its `task.context` seen
+    questions most similar to that question (cosine of the questions' mean option vectors), one question
+    at a time, instead of one seeded draw for all: does a context about the new question's topic help?"""
+    from pluralllm_flwr.align import checkpoint_of
+    from pluralllm_flwr.config import RunConfig
+    from pluralllm_flwr.experiment import prepare_experiment
+    from pluralllm_flwr.results import load_results
+    from pluralllm_flwr.reward import GroupContext, GroupRewardModel
+
+    exp = prepare_experiment(RunConfig.from_mapping(load_results(run)["config"]), progress=False)
+    off = exp.table.offsets
+    stem = np.add.reduceat(exp.table.vectors.astype(np.float64), off[:-1], 0)
+    stem /= np.linalg.norm(stem, axis=1, keepdims=True)
+    row = {q.key: i for i, q in enumerate(exp.data.questions)}
+    model = GroupRewardModel.from_checkpoint(checkpoint_of(run))
+    out = {}
+    for g in PARTIES:
+        seen = np.asarray(exp.question_ids(g, "seen"))
+        contexts = []  # one per question, named by its place, all predicted in one call (one embedding pass)
+        for j, question in enumerate(task.questions):
+            near = seen[np.argsort(-(stem[seen] @ stem[row[question.key]]), kind="stable")[:task.context]]
+            contexts.append(GroupContext(f"{g} {j}", [(exp.data.questions[i], exp.data.answers[g][i]) for i in near]))
+        predicted = model.predict_groups(contexts, task.questions)
+        out[g] = [predicted[f"{g} {j}"][j] for j in range(len(task.questions))]
+    return out
+
+
 def predictor_separation(run: str, args) -> list[str]:
     """A trained predictor's Democrat and Republican predictions on its unseen questions where the two
-    differ most, from contexts of each size (drawn as `pluralllm align` draws them, seed 0)."""
+    differ most, from contexts of each size (drawn as `pluralllm align` draws them, seed 0; with --nearest
+    also each question's most similar seen questions), and the correlation of the predicted
+    Democrat-minus-Republican difference with the true one on every unseen question."""
     from pluralllm_flwr.align import alignment_task, central_predictions
 
     lines = []
     for size in args.contexts:
         task = alignment_task(run, list(PARTIES), size, 0, 0)
-        predicted = central_predictions(task, run)
         truth = task.truth
         js = 1 - alignments(truth[PARTIES[0]], truth[PARTIES[1]])
         top = np.argsort(-js, kind="stable")[:args.top]
-        cells = []
-        for g in PARTIES:
-            pred = [predicted[g][i] for i in top]
-            own, other = (alignments(pred, [truth[h][i] for i in top]).mean() for h in (g, *set(PARTIES) - {g}))
-            cells.append(f"{own:.4f} | {other:.4f}")
-        lines.append(f"| {run} | {size} | {len(task.questions)} | " + " | ".join(cells) + " |")
+        difference = lambda answers: np.concatenate([a - b for a, b in zip(answers[PARTIES[0]], answers[PARTIES[1]])])  # noqa: E731
+        draws = {"seeded draw": central_predictions(task, run)}
+        if args.nearest:
+            draws["nearest"] = nearest_predictions(run, task)
+        for how, predicted in draws.items():
+            cells = []
+            for g in PARTIES:
+                pred = [predicted[g][i] for i in top]
+                own, other = (alignments(pred, [truth[h][i] for i in top]).mean() for h in (g, *set(PARTIES) - {g}))
+                cells.append(f"{own:.4f} | {other:.4f}")
+            corr = np.corrcoef(difference(predicted), difference(truth))[0, 1]
+            lines.append(f"| {run} | {size}, {how} | {len(task.questions)} | " + " | ".join(cells) + f" | {corr:+.3f} |")
     return lines
 
 
@@ -163,6 +200,8 @@ def main() -> None:
     p.add_argument("--run", default="", help="a run trained with heldout-questions > 0 (its own seed's split); "
                    "with {seed} in it, one run per seed of --seeds")
     p.add_argument("--contexts", default="20,100", help="context sizes for --run")
+    p.add_argument("--nearest", action="store_true", help="with --run, also contexts of each question's most similar "
+                   "seen questions")
     p.add_argument("--top", type=int, default=20, help="unseen questions where the parties differ most")
     p.add_argument("--persona", action="store_true", help="also ask the policy LM to answer as each party")
     p.add_argument("--policy", default="smollm2")
@@ -196,7 +235,8 @@ def main() -> None:
         print(f"\nA trained predictor's predictions on the {args.top} unseen questions (of its own) where Democrats and "
               "Republicans differ most: alignment to the predicted group and to the other one\n\n| run | context | "
               "unseen questions | Democrat prediction: to Democrats | to Republicans | Republican prediction: to "
-              "Republicans | to Democrats |\n|---|---|---|---|---|---|---|")
+              "Republicans | to Democrats | D − R: correlation with the truth, every unseen question |\n"
+              "|---|---|---|---|---|---|---|---|")
         runs = list(dict.fromkeys(args.run.format(seed=s) for s in seeds))
         print("\n".join(line for run in runs for line in predictor_separation(run, args)))
         print(f"\nEvery group: the predictor's prediction for it on the unseen questions (context {args.contexts[0]}), "
