@@ -5,9 +5,12 @@ Runs (each an ordinary `pluralllm align` output folder under --out, reused when 
 settings, groups and reward model):
 - pair: the policy aligned to each of two groups alone (default Democrat, Republican), each LM measured
   on both groups. Reports each LM's gain over the base LM on its own target, and on the questions where
-  the two groups differ most (largest JS distance between their true answers) two tests: each LM is
-  closer to its own target than to the other group, and each group is closer to the LM aligned to it
-  than to the LM aligned to the other group (fairer where the base LM already leans to one group).
+  the two groups differ most (largest JS distance between their true answers) three tests: each LM is
+  closer to its own target than to the other group; each group is closer to the LM aligned to it
+  than to the LM aligned to the other group (fairer where the base LM already leans to one group); and
+  the LM aligned to one group leans further toward it, relative to the other group, than the LM aligned
+  to the other group does (free of the base LM's lean and of what both LMs gain on the groups' shared
+  answer).
 - aggregation: the policy aligned to 3+ groups at once under mean, min and adaptive aggregation;
   reports the mean and the worst group's alignment before and after.
 
@@ -113,8 +116,14 @@ def pair(args, seeds: list[int]) -> list[str]:
         lines.append(f"| {target} | {mean_sd(gains)} | {mean_sd(own)} | {mean_sd(against)} | {mean_sd(rival)} | "
                      f"{mean_sd(predicted_own)} | {mean_sd(predicted_against)} |")
     holds = lambda wins: "holds in every seed" if all(wins) else "does not hold in every seed"  # noqa: E731
+    # how far aligning to a instead of b moves the LM toward a relative to b: free of the base LM's own lean
+    # and of the progress both LMs make toward what the groups share
+    lean = [(lm[a, s][a] - lm[a, s][b]) - (lm[b, s][a] - lm[b, s][b]) for s in seeds]
     lines += ["", f"Each LM closer to its own target than to the other group on the differing questions: {holds(own_wins)}.",
-              f"Each group closer to the LM aligned to it than to the LM aligned to the other group: {holds(lm_wins)}.", ""]
+              f"Each group closer to the LM aligned to it than to the LM aligned to the other group: {holds(lm_wins)}.",
+              f"The {a}-aligned LM's lean toward {a} over {b} (alignment to {a} minus to {b}) less the {b}-aligned "
+              f"LM's, per seed: {', '.join(f'{x:+.4f}' for x in lean)}: positive in {sum(x > 0 for x in lean)} of {len(lean)} "
+              "seeds.", ""]
     return lines
 
 
