@@ -176,7 +176,8 @@ def main() -> None:
     for r in rows:
         ideal = r["single"] / 2
         print(f"| {r['clients']} | {r['base']:.2f} | {r['single']:.2f} | {ideal:.2f} | {r['two']:.2f} | {r['sim']:.2f} | "
-              f"{np.median(r['ratios']):.2f}× | {', '.join(f'{x:.2f}' for x in r['ratios'])} | {r['two'] / ideal:.2f}× | {r['sim'] / r['two']:.2f}× | {r['wall']:.1f} | "
+              f"{np.median(r['ratios']):.2f}× | {', '.join(f'{x:.2f}' for x in r['ratios'])} | "
+              f"{r['two'] / ideal:.2f}× | {r['sim'] / r['two']:.2f}× | {r['wall']:.1f} | "
               f"{r['startup']:.1f} | {r['mem_base']:.2f} GiB | {r['mem_sim']:.2f} GiB |")
     shutil.rmtree(scratch)  # its data, caches and runs
 

@@ -126,7 +126,8 @@ def predictor_separation(run: str, args) -> list[str]:
         truth = task.truth
         js = 1 - alignments(truth[PARTIES[0]], truth[PARTIES[1]])
         top = np.argsort(-js, kind="stable")[:args.top]
-        difference = lambda answers: np.concatenate([a - b for a, b in zip(answers[PARTIES[0]], answers[PARTIES[1]])])  # noqa: E731
+        def difference(answers):  # Democrat minus Republican, every option of every question
+            return np.concatenate([a - b for a, b in zip(answers[PARTIES[0]], answers[PARTIES[1]])])
         draws = {"seeded draw": central_predictions(task, run)}
         if args.nearest:
             draws["nearest"] = nearest_predictions(run, task)
