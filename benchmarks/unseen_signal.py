@@ -51,6 +51,12 @@ def ridge(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
     return np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ y)
 
 
+def question_vectors(table) -> np.ndarray:
+    """Each question's options' summed vector, unit length: what a question's cosine similarity compares."""
+    stem = np.add.reduceat(table.vectors.astype(np.float64), table.offsets[:-1], 0)
+    return stem / np.linalg.norm(stem, axis=1, keepdims=True)
+
+
 def correlations(data, table, features, seed: int, args) -> tuple[dict[str, tuple[float, float]], float]:
     """group (and 'D − R') -> (features correlation, siblings correlation); and the share of unseen
     questions with a sibling."""
@@ -69,8 +75,7 @@ def correlations(data, table, features, seed: int, args) -> tuple[dict[str, tupl
     deviation = {g: answer[g] - mean for g in groups}
     deviation["D − R"] = answer[PARTIES[0]] - answer[PARTIES[1]]
     x = features.vectors.astype(np.float64)
-    stem = np.add.reduceat(table.vectors.astype(np.float64), off[:-1], 0)
-    stem /= np.linalg.norm(stem, axis=1, keepdims=True)
+    stem = question_vectors(table)
     siblings = {q: [s for s in seen if data.questions[s].options == data.questions[q].options] for q in unseen}
     covered = [q for q in unseen if siblings[q]]
     weights = {q: softmax(stem[siblings[q]] @ stem[q] / args.temperature) for q in covered}
@@ -96,9 +101,7 @@ def nearest_predictions(run: str, task) -> dict[str, list[np.ndarray]]:
     from pluralllm_flwr.reward import GroupContext, GroupRewardModel
 
     exp = prepare_experiment(RunConfig.from_mapping(load_results(run)["config"]), progress=False)
-    off = exp.table.offsets
-    stem = np.add.reduceat(exp.table.vectors.astype(np.float64), off[:-1], 0)
-    stem /= np.linalg.norm(stem, axis=1, keepdims=True)
+    stem = question_vectors(exp.table)
     row = {q.key: i for i, q in enumerate(exp.data.questions)}
     model = GroupRewardModel.from_checkpoint(checkpoint_of(run))
     out = {}
