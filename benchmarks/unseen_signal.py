@@ -90,20 +90,19 @@ def correlations(data, table, features, seed: int, args) -> tuple[dict[str, tupl
     return out, len(covered) / len(unseen)
 
 
-def nearest_predictions(run: str, task) -> dict[str, list[np.ndarray]]:
-    """Each party's prediction on each of the task's questions from a context of its `task.context` seen
-    questions most similar to that question (cosine of the questions' mean option vectors), one question
-    at a time, instead of one seeded draw for all: does a context about the new question's topic help?"""
-    from pluralllm_flwr.align import checkpoint_of
-    from pluralllm_flwr.config import RunConfig
-    from pluralllm_flwr.experiment import prepare_experiment
-    from pluralllm_flwr.results import load_results
-    from pluralllm_flwr.reward import GroupContext, GroupRewardModel
+def party_difference(answers: dict[str, list[np.ndarray]]) -> np.ndarray:
+    """Democrat minus Republican, every option of every question."""
+    return np.concatenate([a - b for a, b in zip(answers[PARTIES[0]], answers[PARTIES[1]])])
 
-    exp = prepare_experiment(RunConfig.from_mapping(load_results(run)["config"]), progress=False)
+
+def nearest_predictions(exp, model, task) -> dict[str, list[np.ndarray]]:
+    """Each party's prediction on each of the task's questions from its own context: the party's
+    `task.context` seen questions most similar to that question (cosine of the questions' mean option
+    vectors), instead of one seeded draw for all: does a context about the new question's topic help?"""
+    from pluralllm_flwr.reward import GroupContext
+
     stem = question_vectors(exp.table)
     row = {q.key: i for i, q in enumerate(exp.data.questions)}
-    model = GroupRewardModel.from_checkpoint(checkpoint_of(run))
     out = {}
     for g in PARTIES:
         seen = np.asarray(exp.question_ids(g, "seen"))
@@ -121,26 +120,31 @@ def predictor_separation(run: str, args) -> list[str]:
     differ most, from contexts of each size (drawn as `pluralllm align` draws them, seed 0; with --nearest
     also each question's most similar seen questions), and the correlation of the predicted
     Democrat-minus-Republican difference with the true one on every unseen question."""
-    from pluralllm_flwr.align import alignment_task, central_predictions
+    from pluralllm_flwr.align import alignment_task, central_predictions, checkpoint_of
+    from pluralllm_flwr.config import RunConfig
+    from pluralllm_flwr.experiment import prepare_experiment
+    from pluralllm_flwr.results import load_results
+    from pluralllm_flwr.reward import GroupRewardModel
 
+    if args.nearest:  # the run's data and reward model, once for every context size
+        exp = prepare_experiment(RunConfig.from_mapping(load_results(run)["config"]), progress=False)
+        model = GroupRewardModel.from_checkpoint(checkpoint_of(run))
     lines = []
     for size in args.contexts:
         task = alignment_task(run, list(PARTIES), size, 0, 0)
         truth = task.truth
         js = 1 - alignments(truth[PARTIES[0]], truth[PARTIES[1]])
         top = np.argsort(-js, kind="stable")[:args.top]
-        def difference(answers):  # Democrat minus Republican, every option of every question
-            return np.concatenate([a - b for a, b in zip(answers[PARTIES[0]], answers[PARTIES[1]])])
         draws = {"seeded draw": central_predictions(task, run)}
         if args.nearest:
-            draws["nearest"] = nearest_predictions(run, task)
+            draws["nearest"] = nearest_predictions(exp, model, task)
         for how, predicted in draws.items():
             cells = []
             for g in PARTIES:
                 pred = [predicted[g][i] for i in top]
                 own, other = (alignments(pred, [truth[h][i] for i in top]).mean() for h in (g, *set(PARTIES) - {g}))
                 cells.append(f"{own:.4f} | {other:.4f}")
-            corr = np.corrcoef(difference(predicted), difference(truth))[0, 1]
+            corr = np.corrcoef(party_difference(predicted), party_difference(truth))[0, 1]
             lines.append(f"| {run} | {size}, {how} | {len(task.questions)} | " + " | ".join(cells) + f" | {corr:+.3f} |")
     return lines
 
