@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pluralllm_flwr.align import ALIGN_FILE, AlignSettings, align, alignment_task, central_predictions  # noqa: E402
+from pluralllm_flwr.align import (ALIGN_FILE, TRAINERS, AlignSettings, align, alignment_task,  # noqa: E402
+                                  central_predictions)
 from pluralllm_flwr.align_report import write_align_report  # noqa: E402
 from pluralllm_flwr.config import group_names  # noqa: E402
 from pluralllm_flwr.metrics import alignments  # noqa: E402
@@ -55,7 +56,8 @@ def run_once(args, name: str, groups: list[str], measure: list[str], aggregate: 
     task = alignment_task(run, groups, args.context, args.questions, seed, measure_also=measure)
     settings = AlignSettings(steps=args.steps, beta=args.beta, learning_rate=args.lr, aggregate=aggregate,
                              seed=seed, eval_every=args.eval_every, temperature=args.temperature,
-                             adapt_every=args.adapt_every)
+                             adapt_every=args.adapt_every, generations=args.generations,
+                             prompts_per_step=args.prompts_per_step, trainer=args.trainer)
     if (out / ALIGN_FILE).is_file():
         done = json.loads((out / ALIGN_FILE).read_text())
         if done["settings"] != asdict(settings) or done["groups"] != groups or done["run"] != str(run):
@@ -164,6 +166,9 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=AlignSettings.beta)
     p.add_argument("--lr", type=float, default=AlignSettings.learning_rate)
     p.add_argument("--eval-every", type=int, default=AlignSettings.eval_every)
+    p.add_argument("--generations", type=int, default=AlignSettings.generations, help="completions per prompt")
+    p.add_argument("--prompts-per-step", type=int, default=AlignSettings.prompts_per_step)
+    p.add_argument("--trainer", default=AlignSettings.trainer, choices=TRAINERS)
     p.add_argument("--temperature", type=float, default=AlignSettings.temperature, help="adaptive (nats of KL)")
     p.add_argument("--adapt-every", type=int, default=AlignSettings.adapt_every, help="adaptive: steps between "
                    "re-weightings")

@@ -31,7 +31,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,7 @@ import torch
 
 from .config import RunConfig, cache_folder
 from .data import Question, seeded_rng
+from . import grpo
 from .embeddings import LETTERS, resolve_model
 from .experiment import prepare_experiment
 from .metrics import alignments
@@ -49,6 +50,7 @@ from .reward_queries import RewardRequest, group_context
 from .simulation import progress_only, simulate
 
 ALIGN_FILE = "align.json"
+TRAINERS = ("one-token", "trl")
 REWARD_REQUEST, REWARD_REPLY = "reward-request.json", "reward-reply.json"  # federated rewards (reward_queries.py)
 
 
@@ -71,6 +73,7 @@ class AlignSettings:
     temperature: float = 0.05       # adaptive: nats of KL(pi ‖ p_g) that make one group's weight e times another's
     adapt_every: int = 5            # adaptive: steps between re-weightings from the policy's opinions
     seed: int = 0
+    trainer: str = "one-token"      # TRAINERS: grpo.py's GRPO for one-letter answers, or TRL's GRPOTrainer
 
     def __post_init__(self) -> None:
         for name in ("steps", "generations", "prompts_per_step", "eval_every", "adapt_every"):
@@ -79,6 +82,8 @@ class AlignSettings:
         if self.generations < 2:
             raise AlignError(f"generations must be at least 2 (GRPO compares a prompt's completions), got "
                              f"{self.generations}")
+        if self.trainer not in TRAINERS:
+            raise AlignError(f"trainer must be one of {', '.join(TRAINERS)}, got {self.trainer!r}")
         if not self.beta > 0 or not self.learning_rate > 0 or not self.temperature > 0 or self.trainable_layers < 0:
             raise AlignError(f"beta ({self.beta}), learning-rate ({self.learning_rate}) and temperature "
                              f"({self.temperature}) must be > 0 and trainable-layers ({self.trainable_layers}) >= 0")
@@ -297,10 +302,6 @@ def align(task: AlignmentTask, predicted: dict[str, list[np.ndarray]], policy: s
     """GRPO on `task.questions` with the log-ratio group reward on `predicted` (each group's predicted
     answers, `central_predictions` or `federated_predictions`, which `rewards` names); the LM's opinions
     are measured before, every `eval_every` steps and after. Writes <out>/align.json."""
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     folder = policy_folder(policy, cache_dir)
@@ -334,35 +335,65 @@ def align(task: AlignmentTask, predicted: dict[str, list[np.ndarray]], policy: s
              + f"; worst {h['worst']:.4f}; letter mass {h['letter_mass']:.2f}"
              + ("; weights " + ", ".join(f"{g} {w:.2f}" for g, w in weights["weights"].items()) if adaptive else ""))
 
-    class Measure(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            step = state.global_step
-            measure = step % settings.eval_every == 0 or step == settings.steps
-            if measure or (adaptive and step % settings.adapt_every == 0):
-                model.eval()
-                look(step, *lm_opinions(model, tok, task.questions, letters), measure)
-                model.train()
-
     look(0, reference, mass, measure=True)
-    dataset = Dataset.from_dict({"prompt": [format_question(q) for q in task.questions], "question": keys})
-    others = sorted(set(range(len(tok))) - set(letters))
-    args = GRPOConfig(output_dir=str(out / "grpo"), max_steps=settings.steps, learning_rate=settings.learning_rate,
-                      per_device_train_batch_size=settings.generations * settings.prompts_per_step,
-                      num_generations=settings.generations, max_completion_length=1, beta=settings.beta,
-                      scale_rewards="none", temperature=1.0, generation_kwargs={"suppress_tokens": others},
-                      logging_steps=1, report_to="none", use_cpu=not torch.cuda.is_available(), save_strategy="no",
-                      seed=settings.seed, data_seed=settings.seed, dataloader_num_workers=0, disable_dropout=True,
-                      activation_checkpointing=False)  # one-token completions need no memory saving; and
-    # checkpointed blocks behind frozen ones would get no gradient
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tok,
-                          callbacks=[Measure()])
-    trainer.train()
+
+    def after_step(step: int, measured: Callable[[], tuple[list[np.ndarray], float]]) -> None:
+        measure = step % settings.eval_every == 0 or step == settings.steps
+        if measure or (adaptive and step % settings.adapt_every == 0):
+            look(step, *measured(), measure)
+
+    if settings.trainer == "one-token":
+        policy_view = grpo.OpinionPolicy(model, tok, task.questions, letters, settings.trainable_layers)
+        policy_view.check(reference)
+        grpo.train(policy_view, reward, keys, reference, steps=settings.steps, learning_rate=settings.learning_rate,
+                   beta=settings.beta, generations=settings.generations, prompts_per_step=settings.prompts_per_step,
+                   seed=settings.seed, on_step=lambda step: after_step(step, policy_view.opinions))
+    else:
+        _train_with_trl(model, tok, task, reward, letters, settings, out, after_step)
     result.seconds = round(time.perf_counter() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / ALIGN_FILE).write_text(json.dumps({**asdict(result), "unparsable": reward.unparsable,
                                               "scored": reward.scored}, indent=1))
-    shutil.rmtree(out / "grpo", ignore_errors=True)  # TRL's scratch (no checkpoints are saved)
     return result
+
+
+def _train_with_trl(model, tok, task: AlignmentTask, reward: GroupReward, letters: list[int],
+                    settings: AlignSettings, out: Path, after_step) -> None:
+    """GRPO with TRL's `GRPOTrainer`: one-token completions restricted to the option letters; after each
+    step `after_step(step, measure)` with `measure()` the LM's opinions through the whole model."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    def measured() -> tuple[list[np.ndarray], float]:
+        model.eval()
+        try:
+            return lm_opinions(model, tok, task.questions, letters)
+        finally:
+            model.train()
+
+    class Measure(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            after_step(state.global_step, measured)
+
+    dataset = Dataset.from_dict({"prompt": [format_question(q) for q in task.questions],
+                                 "question": [q.key for q in task.questions]})
+    others = sorted(set(range(len(tok))) - set(letters))
+    args = GRPOConfig(output_dir=str(out / "grpo"), max_steps=settings.steps, learning_rate=settings.learning_rate,
+                      per_device_train_batch_size=settings.generations * settings.prompts_per_step,
+                      num_generations=settings.generations, max_completion_length=1, beta=settings.beta,
+                      scale_rewards="none", use_bias_correction_kl=True, temperature=1.0, generation_kwargs={"suppress_tokens": others},
+                      logging_steps=1, report_to="none", use_cpu=not torch.cuda.is_available(), save_strategy="no",
+                      seed=settings.seed, data_seed=settings.seed, dataloader_num_workers=0, disable_dropout=True,
+                      activation_checkpointing=False)  # one-token completions need no memory saving; and
+    # checkpointed blocks behind frozen ones would get no gradient. use_bias_correction_kl (TRL's default, pinned):
+    # the KL term's expected gradient is that of KL(pi ‖ pi_ref), the penalty the reward's optimum is derived for
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tok,
+                          callbacks=[Measure()])
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out / "grpo", ignore_errors=True)  # TRL's scratch (no checkpoints are saved)
 
 
 def checkpoint_of(run: str | Path) -> Path:

@@ -219,7 +219,7 @@ def cmd_align(args: argparse.Namespace) -> int:
     given = {"steps": args.steps, "beta": args.beta, "learning_rate": args.lr, "generations": args.generations,
              "prompts_per_step": args.prompts_per_step, "trainable_layers": args.trainable_layers,
              "eval_every": args.eval_every, "temperature": args.temperature,
-             "adapt_every": args.adapt_every}  # None: AlignSettings' default
+             "adapt_every": args.adapt_every, "trainer": args.trainer}  # None: AlignSettings' default
     settings = AlignSettings(aggregate=args.aggregate, seed=args.seed,
                              **{k: v for k, v in given.items() if v is not None})
     groups, measure = group_names(args.groups), group_names(args.measure)
@@ -442,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="adaptive: nats of KL(policy || group's "
                    "prediction) that weigh a group e times more (default 0.05)")
     p.add_argument("--adapt-every", type=int, default=None, help="adaptive: steps between re-weightings (default 5)")
+    p.add_argument("--trainer", default=None, choices=["one-token", "trl"],
+                   help="one-token (default): GRPO for one-letter answers with the frozen blocks computed once per "
+                   "question (grpo.py); trl: TRL's GRPOTrainer, which runs the whole LM every step")
     p.add_argument("--context", type=int, default=20, help="context answers per group given to the predictor")
     p.add_argument("--questions", type=int, default=0, help="a seeded subset of the unseen questions (0 = all)")
     p.add_argument("--seed", type=int, default=0)

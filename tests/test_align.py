@@ -181,11 +181,11 @@ def test_grpo_moves_a_tiny_lm_toward_the_group_and_reports_it(unseen_run, policy
     assert (out / "alignment.png").stat().st_size > 5000
     assert "align: step 12" in capsys.readouterr().out
 
-    # every block learning, the policy moves toward what the reward asks: the predictor's distribution
+    # TRL's trainer, every block learning: the policy moves toward what the reward asks, the predictor's distribution
     out = tmp_path / "align-all"
     assert main(["align", "--run", str(unseen_run), "--groups", "G0", "--policy", str(policy), "--steps", "12",
                  "--eval-every", "12", "--generations", "4", "--prompts-per-step", "4", "--lr", "0.03",
-                 "--trainable-layers", "0", "--context", "5", "--measure", "G4", "--cache-dir", tiny_paths["cache-dir"],
+                 "--trainer", "trl", "--trainable-layers", "0", "--context", "5", "--measure", "G4", "--cache-dir", tiny_paths["cache-dir"],
                  "--out", str(out)]) == 0
     result = json.loads((out / ALIGN_FILE).read_text())
     before, after = result["history"][0], result["history"][-1]
