@@ -75,57 +75,62 @@ def mean_sd(values) -> str:
     return f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.4f}"
 
 
+def on_questions(distributions, truth, rows) -> float:
+    """Mean alignment of `distributions` to `truth` over the questions `rows`."""
+    return float(np.mean(alignments([np.asarray(distributions[i]) for i in rows], [truth[i] for i in rows])))
+
+
 def pair(args, seeds: list[int]) -> list[str]:
     a, b = group_names(args.pair)
-    rows, lm, asked = {}, {}, {}  # lm[(aligned to, seed)][group]: that LM's alignment to the group; asked: on which questions
+    # on each seed's --differ questions where a and b differ most, alignment to each group of: the base LM,
+    # the LM aligned to each target (lm[target, seed]) and the reward model's prediction for it (predicted[...])
+    gains, base, lm, predicted, asked = {}, {}, {}, {}, {}
     for target, other in ((a, b), (b, a)):
-        gains, predicted_own, predicted_against = [], [], []
         for seed in seeds:
             done = run_once(args, f"pair/{target}", [target], [other], "mean", seed)
             result, task = done["result"], done["task"]
             before, after = result["history"][0], result["history"][-1]
-            gains.append(after["per_group"][target] - before["per_group"][target])
-            distance = 1 - alignments(task.truth[a], task.truth[b])
-            differ = np.argsort(-distance)[:args.differ]
-            opinions = [np.asarray(after["opinions"][i]) for i in differ]
+            gains[target, seed] = after["per_group"][target] - before["per_group"][target]
+            differ = np.argsort(-(1 - alignments(task.truth[a], task.truth[b])))[:args.differ]
             asked[target, seed] = [task.questions[i].key for i in differ]
-            lm[target, seed] = {g: float(np.mean(alignments(opinions, [task.truth[g][i] for i in differ]))) for g in (a, b)}
             prediction = central_predictions(task, predictor(args, seed), cache_dir=args.cache_dir or None)[target]
-            predicted_own.append(float(np.mean(alignments([prediction[i] for i in differ],
-                                                          [task.truth[target][i] for i in differ]))))
-            predicted_against.append(float(np.mean(alignments([prediction[i] for i in differ],
-                                                              [task.truth[other][i] for i in differ]))))
-        rows[target] = (gains, predicted_own, predicted_against)
+            base[seed] = {g: on_questions(before["opinions"], task.truth[g], differ) for g in (a, b)}
+            lm[target, seed] = {g: on_questions(after["opinions"], task.truth[g], differ) for g in (a, b)}
+            predicted[target, seed] = {g: on_questions(prediction, task.truth[g], differ) for g in (a, b)}
     for seed in seeds:
         if asked[a, seed] != asked[b, seed]:
             raise SystemExit(f"seed {seed}: the two runs were measured on different questions; rerun both")
+    column = lambda table, target, group: [table[target, s][group] for s in seeds]  # noqa: E731
     lines = [f"### Aligned to {a} or to {b} ({len(seeds)} seeds)", "",
-             f"Gain: alignment to its own target after GRPO minus the base LM's. On the {args.differ} questions where "
-             f"{a} and {b} differ most: the aligned LM's alignment to its target and to the other group; the LM "
-             "aligned to the other group, scored against this target; and the reward model's prediction for the "
-             "target (what GRPO pulls toward) against both groups.", "",
+             f"Gain: alignment to its own target after GRPO minus the base LM's, on all the unseen questions. On the "
+             f"{args.differ} questions where {a} and {b} differ most: the aligned LM's alignment to its target and to "
+             "the other group; the LM aligned to the other group, scored against this target; and the reward model's "
+             "prediction for the target (what GRPO pulls toward) against both groups.", "",
              "| aligned to | gain on its target | LM: own target | LM: other group | other group's LM: this target | "
              "prediction: own target | prediction: other group |",
              "|---|---|---|---|---|---|---|"]
-    own_wins, lm_wins = [], []
     for target, other in ((a, b), (b, a)):
-        gains, predicted_own, predicted_against = rows[target]
-        own = [lm[target, s][target] for s in seeds]
-        against = [lm[target, s][other] for s in seeds]
-        rival = [lm[other, s][target] for s in seeds]
-        own_wins.append(all(o > x for o, x in zip(own, against)))
-        lm_wins.append(all(o > r for o, r in zip(own, rival)))
-        lines.append(f"| {target} | {mean_sd(gains)} | {mean_sd(own)} | {mean_sd(against)} | {mean_sd(rival)} | "
-                     f"{mean_sd(predicted_own)} | {mean_sd(predicted_against)} |")
-    holds = lambda wins: "holds in every seed" if all(wins) else "does not hold in every seed"  # noqa: E731
+        lines.append(f"| {target} | {mean_sd([gains[target, s] for s in seeds])} | {mean_sd(column(lm, target, target))} | "
+                     f"{mean_sd(column(lm, target, other))} | {mean_sd(column(lm, other, target))} | "
+                     f"{mean_sd(column(predicted, target, target))} | {mean_sd(column(predicted, target, other))} |")
     # how far aligning to a instead of b moves the LM toward a relative to b: free of the base LM's own lean
     # and of the progress both LMs make toward what the groups share
-    lean = [(lm[a, s][a] - lm[a, s][b]) - (lm[b, s][a] - lm[b, s][b]) for s in seeds]
-    lines += ["", f"Each LM closer to its own target than to the other group on the differing questions: {holds(own_wins)}.",
-              f"Each group closer to the LM aligned to it than to the LM aligned to the other group: {holds(lm_wins)}.",
-              f"The {a}-aligned LM's lean toward {a} over {b} (alignment to {a} minus to {b}) less the {b}-aligned "
-              f"LM's, per seed: {', '.join(f'{x:+.4f}' for x in lean)}: positive in {sum(x > 0 for x in lean)} of {len(lean)} "
-              "seeds.", ""]
+    lean = {s: (lm[a, s][a] - lm[a, s][b]) - (lm[b, s][a] - lm[b, s][b]) for s in seeds}
+    own = {s: lm[a, s][a] > lm[a, s][b] and lm[b, s][b] > lm[b, s][a] for s in seeds}
+    rival = {s: lm[a, s][a] > lm[b, s][a] and lm[b, s][b] > lm[a, s][b] for s in seeds}
+    pair_of = lambda d: f"{d[a]:.4f}, {d[b]:.4f}"  # noqa: E731
+    yes = lambda holds: "yes" if holds else "no"  # noqa: E731
+    lines += ["", f"Per seed, on those questions, alignment to {a}, {b}:", "",
+              f"| seed | base LM | {a}-aligned LM | {b}-aligned LM | prediction for {a} | prediction for {b} | "
+              "each LM closer to its own target | each group closer to its own LM | lean difference |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {s} | {pair_of(base[s])} | {pair_of(lm[a, s])} | {pair_of(lm[b, s])} | {pair_of(predicted[a, s])} | "
+              f"{pair_of(predicted[b, s])} | {yes(own[s])} | {yes(rival[s])} | {lean[s]:+.4f} |" for s in seeds]
+    count = lambda holds: f"{sum(holds.values())} of {len(seeds)} seeds"  # noqa: E731
+    lines += ["", f"Each LM closer to its own target than to the other group: {count(own)}.",
+              f"Each group closer to the LM aligned to it than to the LM aligned to the other group: {count(rival)}.",
+              f"Lean difference (the {a}-aligned LM's alignment to {a} minus to {b}, less the {b}-aligned LM's): "
+              f"positive in {count({s: lean[s] > 0 for s in seeds})}.", ""]
     return lines
 
 

@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute each group's rewards on its own node of the run's federation (a Flower simulation), "
                    "so its context answers never reach the aligner")
     # defaults: align.AlignSettings
-    p.add_argument("--steps", type=int, default=None, help="GRPO steps (default 60)")
+    p.add_argument("--steps", type=int, default=None, help="GRPO steps (default 1000)")
     p.add_argument("--beta", type=float, default=None, help="KL coefficient and the reward's scale")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--generations", type=int, default=None, help="completions per prompt")
