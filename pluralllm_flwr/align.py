@@ -50,7 +50,7 @@ from .reward_queries import RewardRequest, group_context
 from .simulation import progress_only, simulate
 
 ALIGN_FILE = "align.json"
-TRAINERS = ("one-token", "trl")
+TRAINERS = {"one-token": "the one-token trainer, grpo.py", "trl": "TRL's GRPOTrainer"}  # --trainer: how reports name it
 REWARD_REQUEST, REWARD_REPLY = "reward-request.json", "reward-reply.json"  # federated rewards (reward_queries.py)
 
 

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .align import ALIGN_FILE, REWARD_REPLY  # noqa: E402
+from .align import ALIGN_FILE, REWARD_REPLY, TRAINERS  # noqa: E402
 
 REPORT_FILE, FIGURE_FILE = "report.md", "alignment.png"
 
@@ -23,7 +23,8 @@ def write_align_report(out: str | Path) -> Path:
     before, after = history[0], history[-1]
     trained = f"the last {s['trainable_layers']} blocks" if s["trainable_layers"] else "every block"
     lines = [f"# Aligning `{result['policy']}` to {', '.join(result['groups'])}", "",
-             f"GRPO, {after['step']} steps ({s['prompts_per_step']} prompts × {s['generations']} completions per "
+             f"GRPO ({TRAINERS[s.get('trainer', 'trl')]}), {after['step']} steps ({s['prompts_per_step']} "
+             f"prompts × {s['generations']} completions per "
              f"step, lr {s['learning_rate']:g}, {trained} trained: {result['trainable_parameters']:,} parameters), "
              f"log-ratio reward under KL beta {s['beta']:g}, `{s['aggregate']}` aggregation over the groups, seed "
              f"{s['seed']}; {len(result['questions'])} questions the predictor never trained on (run "
@@ -38,8 +39,10 @@ def write_align_report(out: str | Path) -> Path:
               _row("**worst group**", "", before["worst"], after["worst"], "", before["worst_group"],
                    after["worst_group"]), "",
               f"Share of the next token's probability on the option letters: {before['letter_mass']:.2f} before, "
-              f"{after['letter_mass']:.2f} after. Completions naming no option of their question: "
-              f"{result['unparsable']} of {result['scored']} (GRPO learns nothing from them).", "",
+              f"{after['letter_mass']:.2f} after" + (". Completions naming no option of their question: "
+              f"{result['unparsable']} of {result['scored']} (GRPO learns nothing from them)."
+              if s.get("trainer", "trl") == "trl" else " (the one-token trainer samples the question's options alone)."),
+              "",
               *_weights_lines(result), _rewards_line(result, out), "",
               f"![alignment per group against GRPO steps]({FIGURE_FILE})", ""]
     _figure(result, out / FIGURE_FILE)

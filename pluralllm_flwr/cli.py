@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="adaptive: nats of KL(policy || group's "
                    "prediction) that weigh a group e times more (default 0.05)")
     p.add_argument("--adapt-every", type=int, default=None, help="adaptive: steps between re-weightings (default 5)")
-    p.add_argument("--trainer", default=None, choices=["one-token", "trl"],
+    p.add_argument("--trainer", default=None, choices=["one-token", "trl"],  # align.TRAINERS
                    help="one-token (default): GRPO for one-letter answers with the frozen blocks computed once per "
                    "question (grpo.py); trl: TRL's GRPOTrainer, which runs the whole LM every step")
     p.add_argument("--context", type=int, default=20, help="context answers per group given to the predictor")

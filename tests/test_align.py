@@ -84,6 +84,8 @@ def test_the_log_ratio_reward_refuses_a_bad_beta_or_a_missing_reference():
         GroupReward({"q": QUESTION}, {"Dem": {"q": GROUPS["Dem"]}}, GroupAggregator(["Dem"]), reference={})
     with pytest.raises(AlignError, match="generations must be at least 2"):
         AlignSettings(generations=1)
+    with pytest.raises(AlignError, match="trainer must be one of one-token, trl, got 'ppo'"):
+        AlignSettings(trainer="ppo")
 
 
 # ----------------------------------------------------------------------------- the LM's opinion
