@@ -308,6 +308,7 @@ def align(task: AlignmentTask, predicted: dict[str, list[np.ndarray]], policy: s
     torch.manual_seed(settings.seed)
     folder = policy_folder(policy, cache_dir)
     model, tok = load_policy(folder)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # TRL's trainer would move it; the one-token one does not
     n_letters = max(len(q.options) for q in task.questions)
     letters = letter_tokens(tok, n_letters)
     keys = [q.key for q in task.questions]

@@ -103,7 +103,8 @@ class OpinionPolicy:
                 hidden = decoder(inputs_embeds=padded, attention_mask=mask).last_hidden_state
         else:
             hidden = decoder(input_ids=padded, attention_mask=mask).last_hidden_state
-        return self.model.get_output_embeddings()(hidden[torch.arange(len(chunk)), lengths - 1])
+        last = (lengths - 1).to(hidden.device)
+        return self.model.get_output_embeddings()(hidden[torch.arange(len(chunk), device=hidden.device), last])
 
     def log_opinions(self, indices: Sequence[int]) -> list[torch.Tensor]:
         """The log of the LM's opinion on each question of `indices`: log-softmax of its next-token logits
@@ -156,12 +157,13 @@ def train(policy: OpinionPolicy, reward: GroupReward, keys: Sequence[str], refer
         chosen, order = order[:prompts_per_step], order[prompts_per_step:]
         losses = []
         for i, logp in zip(chosen, policy.log_opinions(chosen)):
-            picks = torch.multinomial(logp.detach().exp(), generations, replacement=True, generator=rng)
+            # drawn on the CPU with the seeded generator, whatever the LM's device
+            picks = torch.multinomial(logp.detach().exp().cpu(), generations, replacement=True, generator=rng)
             rewards, _ = reward.choice_rewards([keys[i]] * generations, picks.tolist())
-            advantages = torch.as_tensor(rewards - rewards.mean())
-            chosen_logp = logp[picks]
+            advantages = torch.as_tensor(rewards - rewards.mean(), device=logp.device)
+            chosen_logp = logp[picks.to(logp.device)]
             ratio = torch.exp(chosen_logp - chosen_logp.detach())  # 1, with the gradient of log pi
-            log_ratio = ref[i][picks] - chosen_logp
+            log_ratio = ref[i][picks].to(logp.device) - chosen_logp
             losses.append(ratio * (-advantages + beta * (log_ratio.exp() - log_ratio - 1)))
         loss = torch.cat(losses).mean()
         optimizer.zero_grad()
