@@ -12,7 +12,7 @@ The reward (`reward.GroupReward` with a reference): a completion that picks opti
 
 with p_g the predictor's prediction from the group's context answers (read by the aligner, or, with
 `--federated`, made on the group's own node so that they never leave it: reward_queries.py) and pi_ref
-the LM's opinion before training. GRPO (TRL, with the same beta as its KL coefficient and unscaled advantages) maximises
+the LM's opinion before training. GRPO (with the same beta as its KL coefficient and unscaled advantages) maximises
 E_pi[r] − beta·KL(pi || pi_ref), whose maximiser is pi ∝ pi_ref·exp(r/beta) = p_g (`kl_optimum`): the
 policy moves toward the group's distribution instead of collapsing onto its likeliest option, which a
 reward of p_g(c) alone would do. Several groups' rewards are combined by `reward.GroupAggregator`: under
@@ -20,10 +20,11 @@ reward of p_g(c) alone would do. Several groups' rewards are combined by `reward
 minimum; `adaptive` weighs group g by softmax(KL(pi ‖ p_g) / temperature), the policy's distance from
 each group's prediction, measured on its whole answer distributions every `adapt_every` steps.
 
-Generation is restricted to the letters A..(the most options of any question); a letter beyond its own
-question's options teaches nothing (`reward.neutral_unparsable`). Only the
-last `trainable_layers` blocks of the LM learn (embeddings and earlier blocks stay frozen): on a CPU
-that keeps a step to seconds.
+Only the last `trainable_layers` blocks of the LM learn (embeddings and earlier blocks stay frozen). The
+default trainer (grpo.py) samples each answer from the LM's opinion on its question and runs only those
+blocks, on hidden states computed once per question: a step in a fraction of a second on a CPU. With
+`trainer="trl"` TRL's GRPOTrainer generates, restricted to the letters A..(the most options of any
+question); a letter beyond its own question's options teaches nothing (`reward.neutral_unparsable`).
 """
 from __future__ import annotations
 
