@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import grpo
 from .config import RunConfig, cache_folder
 from .data import Question, seeded_rng
-from . import grpo
 from .embeddings import LETTERS, resolve_model
 from .experiment import prepare_experiment
 from .metrics import alignments
