@@ -242,12 +242,9 @@ def lm_opinions(model, tok, questions: Sequence[Question], letters: Sequence[int
             enc = tok([format_question(q) for q in chunk], return_tensors="pt", padding=True).to(model.device)
             hidden = model.get_decoder()(**enc).last_hidden_state
             last = enc["attention_mask"].sum(1) - 1
-            logits = model.get_output_embeddings()(hidden[torch.arange(len(chunk)), last]).double()
-            full = torch.softmax(logits, -1)
-            for row, q in zip(full, chunk):
-                on_letters = row[list(letters[:len(q.options)])]
-                mass.append(float(on_letters.sum()))
-                opinions.append((on_letters / on_letters.sum()).cpu().numpy())
+            logits = model.get_output_embeddings()(hidden[torch.arange(len(chunk)), last])
+            o, m = grpo.letter_opinions(logits, [letters[:len(q.options)] for q in chunk])
+            opinions, mass = opinions + o, mass + m
     finally:
         tok.padding_side = side
     return opinions, float(np.mean(mass))

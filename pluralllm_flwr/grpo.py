@@ -45,6 +45,17 @@ from .reward import GroupReward, format_question
 AGREEMENT = 1e-4  # the largest difference from the whole LM's opinions `OpinionPolicy.check` accepts
 
 
+def letter_opinions(logits: torch.Tensor, options: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], list[float]]:
+    """Per row of next-token `logits`, the opinion (the probabilities of its question's option letters
+    `options[row]`, renormalised over them) and the share of the next token's probability on them."""
+    opinions, mass = [], []
+    for row, letters in zip(torch.softmax(logits.double(), -1), options, strict=True):
+        on_letters = row[list(letters)]
+        mass.append(float(on_letters.sum()))
+        opinions.append((on_letters / on_letters.sum()).cpu().numpy())
+    return opinions, mass
+
+
 class OpinionPolicyError(ValueError):
     """The policy's architecture does not let its learning blocks run on their own."""
 
@@ -123,10 +134,8 @@ class OpinionPolicy:
         opinions, mass = [], []
         for start in range(0, len(self.ids), self.batch_size):
             chunk = list(range(start, min(start + self.batch_size, len(self.ids))))
-            for row, i in zip(torch.softmax(self._last_logits(chunk).double(), -1), chunk):
-                on_letters = row[self.options[i]]
-                mass.append(float(on_letters.sum()))
-                opinions.append((on_letters / on_letters.sum()).cpu().numpy())
+            o, m = letter_opinions(self._last_logits(chunk), [self.options[i] for i in chunk])
+            opinions, mass = opinions + o, mass + m
         return opinions, float(np.mean(mass))
 
     def check(self, full: Sequence[np.ndarray]) -> None:
