@@ -127,7 +127,11 @@ def pair(args, seeds: list[int]) -> list[str]:
     lines += [f"| {s} | {pair_of(base[s])} | {pair_of(lm[a, s])} | {pair_of(lm[b, s])} | {pair_of(predicted[a, s])} | "
               f"{pair_of(predicted[b, s])} | {yes(own[s])} | {yes(rival[s])} | {lean[s]:+.4f} |" for s in seeds]
     count = lambda holds: f"{sum(holds.values())} of {len(seeds)} seeds"  # noqa: E731
-    lines += ["", f"Each LM closer to its own target than to the other group: {count(own)}.",
+    margin = {t: [lm[t, s][t] - lm[t, s][o] for s in seeds] for t, o in ((a, b), (b, a))}  # own minus other, per seed
+    lines += ["", f"Each LM closer to its own target than to the other group: {count(own)}; on the mean over the seeds: "
+              f"{yes(all(np.mean(m) > 0 for m in margin.values()))} (own target minus other group, per seed: "
+              + "; ".join(f"{t}-aligned {', '.join(f'{x:+.4f}' for x in m)}, mean {np.mean(m):+.4f}" for t, m in margin.items())
+              + ").",
               f"Each group closer to the LM aligned to it than to the LM aligned to the other group: {count(rival)}.",
               f"Lean difference (the {a}-aligned LM's alignment to {a} minus to {b}, less the {b}-aligned LM's): "
               f"positive in {count({s: lean[s] > 0 for s in seeds})}.", ""]
