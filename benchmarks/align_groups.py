@@ -14,6 +14,10 @@ settings, groups and reward model):
 - aggregation: the policy aligned to 3+ groups at once under mean, min and adaptive aggregation;
   reports the mean and the worst group's alignment before and after.
 
+With --oracle the rewards are the groups' true answers on the unseen questions instead of the reward
+model's predictions: what the pipeline (reward, GRPO, policy) would do with a perfect reward model, so a
+test that fails with the reward model and holds with the oracle fails for the reward model's sake.
+
     .venv/bin/python benchmarks/align_groups.py --run runs/align/predictor [--seeds 0,1,2] [--steps 60]
 
 One reward model serves every seed, so the seeds share its unseen questions. To let the seed also draw
@@ -50,9 +54,17 @@ def predictor(args, seed: int) -> str:
     return args.run.format(seed=seed)
 
 
+def rewards_from(args, task, run: str) -> dict[str, list[np.ndarray]]:
+    """What GRPO pulls each group toward: the reward model's predictions, or with --oracle the groups' true
+    answers (the ceiling of the pipeline: what a perfect reward model would give)."""
+    if args.oracle:
+        return {g: task.truth[g] for g in task.groups}
+    return central_predictions(task, run, cache_dir=args.cache_dir or None)
+
+
 def run_once(args, name: str, groups: list[str], measure: list[str], aggregate: str, seed: int) -> dict:
     out = Path(args.out) / name / f"seed-{seed}"
-    run = predictor(args, seed)
+    run, rewards = predictor(args, seed), "oracle" if args.oracle else "central"
     task = alignment_task(run, groups, args.context, args.questions, seed, measure_also=measure)
     settings = AlignSettings(steps=args.steps, beta=args.beta, learning_rate=args.lr, aggregate=aggregate,
                              seed=seed, eval_every=args.eval_every, temperature=args.temperature,
@@ -60,12 +72,13 @@ def run_once(args, name: str, groups: list[str], measure: list[str], aggregate: 
                              prompts_per_step=args.prompts_per_step, trainer=args.trainer)
     if (out / ALIGN_FILE).is_file():
         done = json.loads((out / ALIGN_FILE).read_text())
-        if done["settings"] != asdict(settings) or done["groups"] != groups or done["run"] != str(run):
-            sys.exit(f"{out} holds an alignment with other settings, groups or reward model than asked for; "
-                     "choose another --out or delete it")
+        if (done["settings"] != asdict(settings) or done["groups"] != groups or done["run"] != str(run)
+                or done["rewards"] != rewards):
+            sys.exit(f"{out} holds an alignment with other settings, groups, reward model or rewards than asked "
+                     "for; choose another --out or delete it")
     else:
-        predicted = central_predictions(task, run, cache_dir=args.cache_dir or None)
-        align(task, predicted, args.policy, settings, out, run=run, cache_dir=args.cache_dir or None)
+        align(task, rewards_from(args, task, run), args.policy, settings, out, run=run, rewards=rewards,
+              cache_dir=args.cache_dir or None)
         write_align_report(out)
     return {"result": json.loads((out / ALIGN_FILE).read_text()), "task": task}
 
@@ -93,7 +106,7 @@ def pair(args, seeds: list[int]) -> list[str]:
             gains[target, seed] = after["per_group"][target] - before["per_group"][target]
             differ = np.argsort(-(1 - alignments(task.truth[a], task.truth[b])))[:args.differ]
             asked[target, seed] = [task.questions[i].key for i in differ]
-            prediction = central_predictions(task, predictor(args, seed), cache_dir=args.cache_dir or None)[target]
+            prediction = rewards_from(args, task, predictor(args, seed))[target]
             base[seed] = {g: on_questions(before["opinions"], task.truth[g], differ) for g in (a, b)}
             lm[target, seed] = {g: on_questions(after["opinions"], task.truth[g], differ) for g in (a, b)}
             predicted[target, seed] = {g: on_questions(prediction, task.truth[g], differ) for g in (a, b)}
@@ -185,6 +198,8 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=0, help="a seeded subset of the unseen questions (0 = all)")
     p.add_argument("--differ", type=int, default=20, help="the pair's most differing questions")
     p.add_argument("--policy", default="smollm2")
+    p.add_argument("--oracle", action="store_true", help="reward with the groups' true answers on the unseen "
+                   "questions instead of the reward model's predictions: the pipeline's ceiling, not a deployable reward")
     p.add_argument("--cache-dir", default="")
     p.add_argument("--out", default="runs/align/benchmark")
     args = p.parse_args()

@@ -287,7 +287,7 @@ class Alignment:
     settings: dict
     policy: str
     run: str
-    rewards: str                                    # "central" or "federated" (computed on the groups' nodes)
+    rewards: str                                    # "central", "federated" (on the groups' nodes) or "oracle" (truth)
     groups: list[str]
     questions: list[str]
     targets: dict[str, float]                       # the predictor's p_g against the group's truth

@@ -66,6 +66,9 @@ def _weights_lines(result: dict) -> list[str]:
 
 def _rewards_line(result: dict, out: Path) -> str:
     """Where the rewards were computed; federated, what the messages carried (the ServerApp's audit)."""
+    if result.get("rewards") == "oracle":
+        return ("Rewards from the groups' true answers on these questions (an oracle, benchmarks/align_groups.py "
+                "--oracle): what a perfect reward model would give, not a deployable reward.")
     if result.get("rewards") != "federated":
         return "Rewards computed centrally: the aligner read each group's context answers."
     audit = json.loads((out / REWARD_REPLY).read_text())["audit"]
