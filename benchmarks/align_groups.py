@@ -70,6 +70,7 @@ def run_once(args, name: str, groups: list[str], measure: list[str], aggregate: 
                              seed=seed, eval_every=args.eval_every, temperature=args.temperature,
                              adapt_every=args.adapt_every, generations=args.generations,
                              prompts_per_step=args.prompts_per_step, trainer=args.trainer)
+    predicted = rewards_from(args, task, run)
     if (out / ALIGN_FILE).is_file():
         done = json.loads((out / ALIGN_FILE).read_text())
         if (done["settings"] != asdict(settings) or done["groups"] != groups or done["run"] != str(run)
@@ -77,10 +78,9 @@ def run_once(args, name: str, groups: list[str], measure: list[str], aggregate: 
             sys.exit(f"{out} holds an alignment with other settings, groups, reward model or rewards than asked "
                      "for; choose another --out or delete it")
     else:
-        align(task, rewards_from(args, task, run), args.policy, settings, out, run=run, rewards=rewards,
-              cache_dir=args.cache_dir or None)
+        align(task, predicted, args.policy, settings, out, run=run, rewards=rewards, cache_dir=args.cache_dir or None)
         write_align_report(out)
-    return {"result": json.loads((out / ALIGN_FILE).read_text()), "task": task}
+    return {"result": json.loads((out / ALIGN_FILE).read_text()), "task": task, "predicted": predicted}
 
 
 def mean_sd(values) -> str:
@@ -101,12 +101,11 @@ def pair(args, seeds: list[int]) -> list[str]:
     for target, other in ((a, b), (b, a)):
         for seed in seeds:
             done = run_once(args, f"pair/{target}", [target], [other], "mean", seed)
-            result, task = done["result"], done["task"]
+            result, task, prediction = done["result"], done["task"], done["predicted"][target]
             before, after = result["history"][0], result["history"][-1]
             gains[target, seed] = after["per_group"][target] - before["per_group"][target]
             differ = np.argsort(-(1 - alignments(task.truth[a], task.truth[b])))[:args.differ]
             asked[target, seed] = [task.questions[i].key for i in differ]
-            prediction = rewards_from(args, task, predictor(args, seed))[target]
             base[seed] = {g: on_questions(before["opinions"], task.truth[g], differ) for g in (a, b)}
             lm[target, seed] = {g: on_questions(after["opinions"], task.truth[g], differ) for g in (a, b)}
             predicted[target, seed] = {g: on_questions(prediction, task.truth[g], differ) for g in (a, b)}
