@@ -70,14 +70,15 @@ def run_once(args, name: str, groups: list[str], measure: list[str], aggregate: 
                              seed=seed, eval_every=args.eval_every, temperature=args.temperature,
                              adapt_every=args.adapt_every, generations=args.generations,
                              prompts_per_step=args.prompts_per_step, trainer=args.trainer)
-    predicted = rewards_from(args, task, run)
-    if (out / ALIGN_FILE).is_file():
+    reused = (out / ALIGN_FILE).is_file()
+    if reused:
         done = json.loads((out / ALIGN_FILE).read_text())
         if (done["settings"] != asdict(settings) or done["groups"] != groups or done["run"] != str(run)
                 or done["rewards"] != rewards):
             sys.exit(f"{out} holds an alignment with other settings, groups, reward model or rewards than asked "
                      "for; choose another --out or delete it")
-    else:
+    predicted = rewards_from(args, task, run)  # after the check: a mismatched folder stops before any work
+    if not reused:
         align(task, predicted, args.policy, settings, out, run=run, rewards=rewards, cache_dir=args.cache_dir or None)
         write_align_report(out)
     return {"result": json.loads((out / ALIGN_FILE).read_text()), "task": task, "predicted": predicted}
